@@ -1,0 +1,213 @@
+"""One engine's benchmark, run by ``apps/bench.py`` in a fresh process; prints one JSON object.
+
+Running each engine in its own process keeps the figures clean: peak RSS is the process's own,
+start-up includes interpreter, imports, model load and (for edgelm) compiling or loading the numba
+kernels, and neither engine's threads or allocator state disturb the other.
+
+Both engines run the same protocol (:class:`Engine`): a fresh context, a prompt, greedy decoding of
+``n`` tokens, with the same definitions of the timings:
+
+* ``ttft_s``: from the call until the first new token is known (prompt evaluation + sampling);
+* ``decode_s`` over ``decode_steps`` single-token forward passes after that;
+* ``cpu_s``: process CPU time (all threads) over the whole call.
+
+    python -m edgelm.apps.bench_worker --engine edgelm --model M.gguf --threads 2 --text-file F
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Protocol, Sequence
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class RunTiming:
+    """Timings of one prompt + greedy-decode call (definitions in the module docstring)."""
+
+    prompt_tokens: int
+    generated_tokens: int
+    ttft_s: float
+    decode_steps: int
+    decode_s: float
+    cpu_s: float
+
+    @property
+    def decode_tok_s(self) -> float:
+        return self.decode_steps / self.decode_s if self.decode_s > 0 else 0.0
+
+
+class Engine(Protocol):
+    name: str
+    version: str
+
+    def tokenize(self, text: str) -> list[int]: ...
+
+    def run(self, ids: Sequence[int], n_new: int) -> RunTiming: ...
+
+
+class EdgelmEngine:
+    """edgelm, timed by its own ``Model.last_stats`` (which uses the definitions above)."""
+
+    name = "edgelm"
+
+    def __init__(self, path: Path, threads: int, n_ctx: int):
+        import edgelm
+
+        self.version = edgelm.__version__
+        self.model = edgelm.load(path, threads=threads, n_ctx=n_ctx)
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.model.tokenize(text, add_bos=True)
+
+    def run(self, ids: Sequence[int], n_new: int) -> RunTiming:
+        for _ in self.model.generate(list(ids), max_tokens=n_new, temperature=0.0, top_k=1):
+            pass
+        s = self.model.last_stats
+        return RunTiming(prompt_tokens=len(ids), generated_tokens=s.generated_tokens, ttft_s=s.ttft_s,
+                         decode_steps=s.decode_steps, decode_s=s.decode_s, cpu_s=s.cpu_s)
+
+
+class LlamaCppEngine:
+    """llama-cpp-python: prompt via ``Llama.eval``, then one ``eval`` per greedily chosen token."""
+
+    name = "llama.cpp"
+
+    def __init__(self, path: Path, threads: int, n_ctx: int):
+        import llama_cpp
+
+        self.version = llama_cpp.__version__
+        self._llama_cpp = llama_cpp
+        self.llm = llama_cpp.Llama(model_path=str(path), n_threads=threads, n_threads_batch=threads,
+                                   n_ctx=n_ctx, n_batch=512, verbose=False)
+        self.n_vocab = self.llm.n_vocab()
+
+    def tokenize(self, text: str) -> list[int]:
+        # add_bos=True asks for BOS only if the model's vocabulary says to add one, as edgelm does.
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=True)
+
+    def _greedy(self) -> int:
+        # The high-level Llama keeps no logits without logits_all (which would make llama.cpp
+        # compute the output head for every prompt position); read the last row from the C API.
+        logits = np.ctypeslib.as_array(self._llama_cpp.llama_get_logits_ith(self.llm.ctx, -1),
+                                       shape=(self.n_vocab,))
+        return int(np.argmax(logits))
+
+    def run(self, ids: Sequence[int], n_new: int) -> RunTiming:
+        self.llm.reset()  # the next eval drops the whole KV cache: a fresh context
+        cpu0, t0 = time.process_time(), time.perf_counter()
+        self.llm.eval(list(ids))
+        token = self._greedy()
+        t_first = time.perf_counter()
+        for _ in range(n_new - 1):
+            self.llm.eval([token])
+            token = self._greedy()
+        t_end = time.perf_counter()
+        return RunTiming(prompt_tokens=len(ids), generated_tokens=n_new, ttft_s=t_first - t0,
+                         decode_steps=n_new - 1, decode_s=t_end - t_first, cpu_s=time.process_time() - cpu0)
+
+
+ENGINES: dict[str, Callable[[Path, int, int], Engine]] = {
+    EdgelmEngine.name: EdgelmEngine,
+    LlamaCppEngine.name: LlamaCppEngine,
+}
+
+DECODE_PROMPT_TOKENS = 16  # "after a short prompt": the decode runs start from this many tokens
+
+
+@dataclass(frozen=True)
+class Prompts:
+    """Token prompts of the timed runs, one per repeat."""
+
+    prefill: list[list[int]]  # ``prefill_tokens`` each
+    decode: list[list[int]]  # ``DECODE_PROMPT_TOKENS`` each
+    warmup: list[int]
+
+
+def prompts(engine: Engine, text: str, prefill_tokens: int, repeats: int) -> Prompts:
+    """Consecutive windows of ``text`` (in the engine's own tokenizer), a different one per run.
+
+    Every run gets a prompt it has not seen: edgelm reuses the KV cache of a shared prompt prefix
+    (as llama.cpp's server does), so repeating one prompt would time a 1-token prefill.
+    """
+    window = max(prefill_tokens, DECODE_PROMPT_TOKENS)
+    needed = 2 * repeats * window + DECODE_PROMPT_TOKENS
+    # ~4 characters per token in English; 8 leaves ample margin without tokenizing a whole book.
+    ids = engine.tokenize(text[:needed * 8])
+    if len(ids) < needed:
+        raise ValueError(f"the benchmark text gives only {len(ids)} tokens; {needed} are needed")
+    windows = [ids[i * window:(i + 1) * window] for i in range(2 * repeats)]
+    return Prompts(prefill=[w[:prefill_tokens] for w in windows[:repeats]],
+                   decode=[w[:DECODE_PROMPT_TOKENS] for w in windows[repeats:]],
+                   warmup=ids[-DECODE_PROMPT_TOKENS:])
+
+
+def measure(engine: Engine, prompts: Prompts, decode_tokens: int) -> dict:
+    """Best-of-repeats prefill, decode and first-token figures (the machine is noisy)."""
+    prefill = min((engine.run(ids, 1) for ids in prompts.prefill), key=lambda r: r.ttft_s)
+    decode_runs = [engine.run(ids, decode_tokens) for ids in prompts.decode]
+    decode = max(decode_runs, key=lambda r: r.decode_tok_s)
+    return {
+        "prefill_tokens": prefill.prompt_tokens,
+        "prefill_tok_s": prefill.prompt_tokens / prefill.ttft_s,
+        "decode_tokens": decode.generated_tokens,
+        "decode_tok_s": decode.decode_tok_s,
+        "ttft_s": min(r.ttft_s for r in decode_runs),
+        "cpu_s_per_token": min(r.cpu_s / r.generated_tokens for r in decode_runs if r.generated_tokens),
+        "decode_runs": [asdict(r) for r in decode_runs],
+    }
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if platform.system() == "Darwin" else peak * 1024  # Linux reports KiB
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--engine", choices=sorted(ENGINES), required=True)
+    p.add_argument("--model", type=Path, required=True)
+    p.add_argument("--threads", type=int, required=True)
+    p.add_argument("--ctx", type=int, required=True)
+    p.add_argument("--text-file", type=Path, required=True)
+    p.add_argument("--prefill-tokens", type=int, default=512)
+    p.add_argument("--decode-tokens", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--launched-at", type=float, default=None,
+                   help="time.time() of the parent just before it started this process")
+    p.add_argument("--startup-only", action="store_true", help="measure start-up, then exit")
+    args = p.parse_args(argv)
+
+    text = args.text_file.read_text(encoding="utf-8")
+    t_load = time.perf_counter()
+    engine = ENGINES[args.engine](args.model, args.threads, args.ctx)
+    load_s = time.perf_counter() - t_load
+    runs = prompts(engine, text, args.prefill_tokens, args.repeats)
+    # Start-up ends with the first token of a short prompt: for edgelm that includes compiling
+    # (cold) or loading (warm) the numba kernels of both the multi-token and one-token paths.
+    engine.run(runs.warmup, 2)
+    launched_at = args.launched_at
+    result = {
+        "engine": engine.name,
+        "version": engine.version,
+        "threads": args.threads,
+        "load_s": load_s,
+        "startup_s": time.time() - launched_at if launched_at is not None else None,
+    }
+    if not args.startup_only:
+        result.update(measure(engine, runs, args.decode_tokens))
+    result["peak_rss_bytes"] = peak_rss_bytes()
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

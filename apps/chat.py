@@ -1,0 +1,110 @@
+"""The chat REPL behind ``edgelm chat``: streamed replies over one KV-cache-reusing chat session.
+
+Commands: ``/reset`` forgets the conversation, ``/stats`` prints the last reply's speed and the
+memory in use, ``/quit`` (or end of input) leaves. Ctrl-C during a reply stops that reply (the
+partial reply stays in the history, as ``ChatSession.send`` documents) and returns to the prompt;
+Ctrl-C at the prompt leaves cleanly.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Any, Generator, TextIO
+
+from ..runtime.errors import ContextOverflowError
+
+PROMPT = ">>> "
+HELP = "commands: /reset (forget the conversation), /stats (speed and memory), /quit (or Ctrl-D)"
+MIB = 1024 * 1024
+
+
+def format_generation_stats(stats: Any) -> str:
+    """One line of a ``GenerationStats``: token counts, prefill/decode speed, time to first token."""
+    return (f"{stats.prompt_tokens} prompt tokens, {stats.generated_tokens} generated; "
+            f"prefill {stats.prefill_tok_s:.1f} tok/s, decode {stats.decode_tok_s:.1f} tok/s, "
+            f"first token after {stats.ttft_s:.3f} s")
+
+
+def format_memory_stats(mem: dict) -> str:
+    """One line of ``Model.memory_stats()``."""
+    return (f"RSS {mem['rss_bytes'] / MIB:.1f} MiB, KV cache {mem['kv_bytes'] / MIB:.1f} MiB, "
+            f"weights {mem['weights_bytes'] / MIB:.1f} MiB, {mem['tokens']} of {mem['n_ctx']} tokens in context")
+
+
+def run_chat(model: Any, system: str | None = None, sampling: dict[str, Any] | None = None,
+             stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
+    """Run the REPL on ``model`` until /quit, end of input or Ctrl-C at the prompt; returns 0."""
+    stdin = stdin or sys.stdin
+    stdout = stdout or sys.stdout
+    sampling = sampling or {}
+    interactive = stdin.isatty()
+    if interactive:
+        import readline  # noqa: F401  (line editing and history for input(); only on a terminal)
+        print(f"edgelm chat with {model.name}. {HELP}", file=stdout)
+    session = model.chat_session(system)
+    replied = False  # model.last_stats describes a chat reply only once there has been one
+    while True:
+        try:
+            line = _read_line(stdin, stdout, interactive)
+        except KeyboardInterrupt:
+            stdout.write("\n")
+            return 0
+        if line is None:  # end of input
+            if interactive:
+                stdout.write("\n")
+            return 0
+        text = line.strip()
+        if not text:
+            continue
+        if text.startswith("/"):
+            if text == "/quit":
+                return 0
+            if text == "/reset":
+                session.reset()
+                replied = False
+                print("(conversation cleared)", file=stdout)
+            elif text == "/stats":
+                print(_stats_text(model, replied), file=stdout)
+            else:
+                print(f"unknown command {text.split()[0]!r}; {HELP}", file=stdout)
+            continue
+        replied = _stream_reply(session, text, sampling, stdout) or replied
+
+
+def _read_line(stdin: TextIO, stdout: TextIO, interactive: bool) -> str | None:
+    """The next input line, or None at end of input."""
+    if interactive:
+        try:
+            return input(PROMPT)  # readline editing; the prompt goes to the terminal
+        except EOFError:
+            return None
+    line = stdin.readline()
+    return line if line else None
+
+
+def _stream_reply(session: Any, text: str, sampling: dict[str, Any], stdout: TextIO) -> bool:
+    """Send ``text`` and print the streamed reply; returns False if it did not fit the context."""
+    pieces: Generator[str, None, None] | None = None
+    try:
+        pieces = session.send(text, **sampling)
+        for piece in pieces:
+            stdout.write(piece)
+            stdout.flush()
+    except KeyboardInterrupt:
+        stdout.write(" [interrupted]")
+    except ContextOverflowError as exc:
+        print(f"edgelm: {exc} (use /reset to start over)", file=sys.stderr)
+        return False
+    finally:
+        # Closing the generator is what tells the session to keep the partial reply.
+        if pieces is not None:
+            pieces.close()
+    stdout.write("\n")
+    stdout.flush()
+    return True
+
+
+def _stats_text(model: Any, replied: bool) -> str:
+    memory = "memory: " + format_memory_stats(model.memory_stats())
+    if not replied:
+        return "no reply yet\n" + memory
+    return "last reply: " + format_generation_stats(model.last_stats) + "\n" + memory

@@ -1,0 +1,186 @@
+"""The ``edgelm`` command: pull, generate, chat, perplexity, bench.
+
+Every command that needs a model resolves ``--model`` (short name or GGUF path) first, pulling a
+known model into the cache on first use, then loads it with :func:`edgelm.load`. Errors the user
+can fix (unknown model, missing file, context overflow, bad sampling values) print one line to
+stderr and exit with status 1; set ``EDGELM_DEBUG=1`` to get the traceback instead.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import edgelm
+
+from ..models.registry import DEFAULT_MODEL, REGISTRY, pull, resolve
+from ..runtime.errors import EdgeLMError
+from ..runtime.perplexity import iter_perplexity
+from . import bench, chat
+
+if TYPE_CHECKING:
+    from ..runtime.model import Model
+
+EXIT_ERROR = 1
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+
+# CLI flag destination -> keyword of Model.generate/chat. Only flags the user gave are passed, so
+# the runtime stays the one owner of the defaults.
+SAMPLING_FLAGS = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repeat_penalty", "seed", "stop")
+
+
+def model_arguments() -> argparse.ArgumentParser:
+    """Parent parser of the flags every model-loading command takes."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--model", "-m", default=DEFAULT_MODEL,
+                   help=f"short name ({', '.join(sorted(REGISTRY))}) or GGUF path (default: %(default)s)")
+    p.add_argument("--threads", "-t", type=int, default=None, help="compute threads (default: all cores)")
+    return p
+
+
+def sampling_arguments() -> argparse.ArgumentParser:
+    """Parent parser of the sampling (and context size) flags shared by ``generate`` and ``chat``."""
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("sampling (defaults: the runtime's)")
+    g.add_argument("--max-tokens", "-n", type=int, help="maximum tokens to generate")
+    g.add_argument("--temperature", "--temp", type=float, help="0 means greedy")
+    g.add_argument("--top-k", type=int)
+    g.add_argument("--top-p", type=float)
+    g.add_argument("--min-p", type=float)
+    g.add_argument("--repeat-penalty", type=float)
+    g.add_argument("--seed", type=int, help="seed of the sampler, for reproducible output")
+    g.add_argument("--stop", action="append", metavar="TEXT", help="stop string (repeatable)")
+    p.add_argument("--ctx", type=int, default=None, help="context size in tokens (default: the runtime's)")
+    return p
+
+
+def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The sampling keywords the user set, ready for ``Model.generate``/``ChatSession.send``."""
+    return {name: getattr(args, name) for name in SAMPLING_FLAGS if getattr(args, name) is not None}
+
+
+def load_model(args: argparse.Namespace, n_ctx: int | None = None) -> "Model":
+    """Resolve ``--model`` (pulling a known name on first use) and load it."""
+    path = resolve(args.model)
+    return edgelm.load(path, threads=args.threads, n_ctx=n_ctx)
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    """``edgelm pull``: fetch (or verify the cached copy of) a known model; print its path."""
+    print(pull(args.name))
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """``edgelm generate``: stream the completion of the prompt to stdout."""
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    model = load_model(args, n_ctx=args.ctx)
+    out = sys.stdout
+    for piece in model.generate(prompt, **sampling_kwargs(args)):
+        out.write(piece)
+        out.flush()  # stream: the user sees every piece as soon as it is decoded
+    out.write("\n")
+    out.flush()
+    if args.stats:
+        print(chat.format_generation_stats(model.last_stats), file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """``edgelm chat``: the REPL of :mod:`edgelm.apps.chat`."""
+    model = load_model(args, n_ctx=args.ctx)
+    return chat.run_chat(model, system=args.system, sampling=sampling_kwargs(args))
+
+
+def cmd_perplexity(args: argparse.Namespace) -> int:
+    """``edgelm perplexity``: llama.cpp's chunked perplexity of a text file."""
+    text = Path(args.file).read_text(encoding="utf-8")
+    model = load_model(args, n_ctx=args.ctx)
+    tokens = model.tokenize(text, add_bos=True)
+    bos_id = model_bos_id(model)
+    # Like llama-perplexity: running values on one line, the final estimate after it. With --json
+    # stdout carries only the JSON document, so the progress goes to stderr.
+    progress = sys.stderr if args.json else sys.stdout
+    print(f"perplexity: {len(tokens)} tokens, context {args.ctx}, "
+          f"{'all' if args.chunks <= 0 else args.chunks} chunks", file=sys.stderr)
+    result = None
+    for result in iter_perplexity(model.logits, tokens, args.ctx, args.chunks, bos_id):
+        progress.write(f"[{result.chunks}]{result.ppl:.4f},")
+        progress.flush()
+    assert result is not None
+    progress.write("\n")
+    if args.json:
+        print(json.dumps(result.to_dict()))
+    else:
+        print(f"Final estimate: PPL = {result.ppl:.4f} +/- {result.ppl_err:.5f}")
+        print(f"({result.tokens_scored} tokens scored in {result.seconds:.1f} s)", file=sys.stderr)
+    return 0
+
+
+def model_bos_id(model: "Model") -> int | None:
+    """The BOS id if the model adds BOS to a prompt (then every perplexity chunk starts with it)."""
+    # Tokenizing the empty string with add_bos=True yields exactly what the model prepends.
+    prefix = model.tokenize("", add_bos=True)
+    return prefix[0] if prefix else None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``edgelm`` argument parser; each subcommand sets ``handler``."""
+    parser = argparse.ArgumentParser(prog="edgelm", description="On-device LLM inference (GGUF models on CPUs).")
+    parser.add_argument("--version", action="version", version=f"edgelm {edgelm.__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common, sampling = model_arguments(), sampling_arguments()
+
+    p = sub.add_parser("pull", help="download a known model into the cache and print its path")
+    p.add_argument("name", nargs="?", default=DEFAULT_MODEL, help="model name (default: %(default)s)")
+    p.set_defaults(handler=cmd_pull)
+
+    p = sub.add_parser("generate", parents=[common, sampling], help="stream a completion of a prompt")
+    p.add_argument("prompt", help='prompt text ("-" reads it from stdin)')
+    p.add_argument("--stats", action="store_true", help="print timings to stderr afterwards")
+    p.set_defaults(handler=cmd_generate)
+
+    p = sub.add_parser("chat", parents=[common, sampling], help="interactive chat (/reset, /stats, /quit)")
+    p.add_argument("--system", help="system prompt")
+    p.set_defaults(handler=cmd_chat)
+
+    p = sub.add_parser("perplexity", parents=[common], help="perplexity of a text file (llama.cpp's method)")
+    p.add_argument("--file", "-f", required=True, help="UTF-8 text file")
+    p.add_argument("--ctx", type=int, default=512, help="tokens per chunk (default: %(default)s)")
+    p.add_argument("--chunks", type=int, default=-1, help="chunks to evaluate (default: all)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(handler=cmd_perplexity)
+
+    p = sub.add_parser("bench", parents=[common], help="speed and memory, side by side with llama.cpp")
+    bench.add_arguments(p)
+    p.set_defaults(handler=bench.cmd_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``edgelm`` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away (``edgelm generate ... | head``): not an error worth a message.
+        # Point stdout at /dev/null so the interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_ERROR
+    except (EdgeLMError, ValueError, OSError, RuntimeError) as exc:
+        # ValueError covers ModelNotFound and ContextOverflowError; OSError a missing --file;
+        # RuntimeError a failed pull. All are the user's to fix, so no traceback.
+        if os.environ.get("EDGELM_DEBUG"):
+            raise
+        print(f"edgelm: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

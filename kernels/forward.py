@@ -1,0 +1,218 @@
+"""The llama-family forward pass as one compiled function per worker thread.
+
+Like llama2.c's ``forward``, the whole pass reads top to bottom: embedding, then per layer
+RMSNorm -> Q/K/V -> RoPE -> attention over the KV cache -> output projection -> residual ->
+RMSNorm -> SiLU-gated MLP -> residual, then the final norm and the output head.
+
+Every thread runs this same function on its share of the work (rows of each weight matrix,
+(token, head) pairs of the attention) and the threads meet at spin barriers between steps
+that depend on each other's results. A decode step is therefore one call per thread into
+compiled code -- no Python dispatch per layer or per operation, and no numba parallel-region
+launch (tens of microseconds each) per matrix-vector product.
+
+``n`` tokens are processed at once: n == 1 is a decode step (matrix-vector kernels), n > 1 is
+prompt prefill or batched speculative verification (matrix-matrix kernels, which read each
+weight row once for all n tokens).
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from .lowlevel import f16_to_f32, f32_to_f16, spin_barrier
+from .qdispatch import dequantize_rows, matmul, matvec
+
+# Column layout of the int64 weight tables: one row per tensor.
+W_OFFSET, W_NBYTES, W_TYPE, W_ROWS, W_COLS = 0, 1, 2, 3, 4
+# Per-layer slots (order of models.base.LAYER_SLOTS, minus the two norms held as float32).
+S_Q, S_K, S_V, S_O, S_GATE, S_UP, S_DOWN = 0, 1, 2, 3, 4, 5, 6
+# Integer hyperparameters (icfg) -- see runtime/numba_backend.py, which fills them.
+C_DIM, C_LAYERS, C_HEADS, C_KV_HEADS, C_HEAD_DIM, C_HIDDEN, C_VOCAB, C_ROPE_DIM, C_NEOX, C_BIAS = range(10)
+
+
+@njit(nogil=True, inline="always", cache=True)
+def _share(total, tid, nthr):
+    """[start, end) of thread ``tid``'s share of ``total`` items."""
+    return total * tid // nthr, total * (tid + 1) // nthr
+
+
+@njit(nogil=True, fastmath=True, cache=True)
+def _project(blob, wt, X, out, n, tid, nthr):
+    """out[:n, rows] = X[:n] @ W.T for this thread's rows of W (described by table row ``wt``)."""
+    w = blob[wt[W_OFFSET]: wt[W_OFFSET] + wt[W_NBYTES]]
+    r0, r1 = _share(wt[W_ROWS], tid, nthr)
+    if n == 1:
+        matvec(w, wt[W_TYPE], wt[W_COLS], X[0], out[0], r0, r1)
+    else:
+        matmul(w, wt[W_TYPE], wt[W_COLS], X[:n], out[:n], r0, r1)
+    return r0, r1
+
+
+@njit(nogil=True, fastmath=True, cache=True)
+def _rmsnorm_rows(x, weight, eps, out, i0, i1):
+    """out[i] = x[i] / rms(x[i]) * weight for rows i in [i0, i1)."""
+    d = x.shape[1]
+    for i in range(i0, i1):
+        ss = np.float32(0.0)
+        for j in range(d):
+            ss += x[i, j] * x[i, j]
+        scale = np.float32(1.0) / np.sqrt(ss / d + eps)
+        for j in range(d):
+            out[i, j] = x[i, j] * scale * weight[j]
+
+
+@njit(nogil=True, fastmath=True, cache=True)
+def _rope(vec, base, cos, sin, rope_dim, neox):
+    """Rotate vec[base : base + rope_dim] in place (cos/sin: [rope_dim // 2] for this position)."""
+    half = rope_dim // 2
+    if neox:  # pairs (j, j + half)
+        for j in range(half):
+            a = vec[base + j]
+            b = vec[base + j + half]
+            vec[base + j] = a * cos[j] - b * sin[j]
+            vec[base + j + half] = a * sin[j] + b * cos[j]
+    else:  # adjacent pairs (2j, 2j + 1)
+        for j in range(half):
+            a = vec[base + 2 * j]
+            b = vec[base + 2 * j + 1]
+            vec[base + 2 * j] = a * cos[j] - b * sin[j]
+            vec[base + 2 * j + 1] = a * sin[j] + b * cos[j]
+
+
+@njit(nogil=True, fastmath=True, cache=True)
+def _attend(q, qbase, kc, vc, kvh, n_keys, hd, scores, out, obase):
+    """Causal softmax attention of one query head over the first n_keys cached positions.
+
+    q[qbase:qbase+hd] (float32), kc/vc: uint16 (f16) [n_kv_heads, n_ctx, hd] of one layer,
+    scores: float32 scratch [>= n_keys], out[obase:obase+hd] receives the result.
+    """
+    scale = np.float32(1.0) / np.sqrt(np.float32(hd))
+    mx = np.float32(-np.inf)
+    for t in range(n_keys):
+        s = np.float32(0.0)
+        for j in range(hd):
+            s += q[qbase + j] * f16_to_f32(kc[kvh, t, j])
+        s *= scale
+        scores[t] = s
+        mx = max(mx, s)
+    total = np.float32(0.0)
+    for t in range(n_keys):
+        e = np.exp(scores[t] - mx)
+        scores[t] = e
+        total += e
+    inv = np.float32(1.0) / total
+    for j in range(hd):
+        out[obase + j] = 0.0
+    for t in range(n_keys):
+        p = scores[t] * inv
+        for j in range(hd):
+            out[obase + j] += p * f16_to_f32(vc[kvh, t, j])
+
+
+@njit(nogil=True, fastmath=True, cache=True)
+def forward_worker(tid, nthr, sync,
+                   blob, wtab, gtab, norms, bias, out_norm, icfg, eps,
+                   tokens, pos0, cos, sin, kcache, vcache,
+                   x, xb, q, k, v, att, tmp, hb, hb2, scores,
+                   logits_from, logits):
+    """Thread ``tid`` of ``nthr``'s part of one forward pass over ``n = len(tokens)`` tokens.
+
+    blob:   uint8  [file size]            the memory-mapped GGUF (weights are views into it)
+    wtab:   int64  [n_layers, 7, 5]       (offset, nbytes, type, rows, cols) of Q K V O gate up down
+    gtab:   int64  [2, 5]                 token_embd and output head
+    norms:  f32    [n_layers, 2, dim]     attention and MLP RMSNorm weights
+    bias:   f32    [n_layers, q_dim + 2 kv_dim]  Q/K/V biases (zeros when the model has none)
+    tokens: int64  [n]; positions are pos0 .. pos0 + n - 1
+    cos/sin: f32   [n, rope_dim // 2]     rotation of each token's position
+    kcache/vcache: uint16 (f16) [n_layers, n_kv_heads, n_ctx, head_dim]
+    x, xb:  f32    [n, dim]               residual stream, normed copy
+    q:      f32    [n, q_dim];  k, v: f32 [n, kv_dim];  att: f32 [n, q_dim]
+    tmp:    f32    [n, dim];    hb, hb2: f32 [n, hidden]
+    scores: f32    [nthr, n_ctx]          per-thread attention scratch
+    logits: f32    [n - logits_from, vocab]  written for tokens logits_from .. n-1
+    """
+    n = tokens.shape[0]
+    dim, n_layers = icfg[C_DIM], icfg[C_LAYERS]
+    n_heads, n_kv, hd = icfg[C_HEADS], icfg[C_KV_HEADS], icfg[C_HEAD_DIM]
+    rope_dim, neox, has_bias = icfg[C_ROPE_DIM], icfg[C_NEOX] != 0, icfg[C_BIAS] != 0
+    q_dim, kv_dim = n_heads * hd, n_kv * hd
+    group = n_heads // n_kv
+    t0, t1 = _share(n, tid, nthr)
+
+    # Embedding lookup: this thread's tokens.
+    emb = gtab[0]
+    ew = blob[emb[W_OFFSET]: emb[W_OFFSET] + emb[W_NBYTES]]
+    for i in range(t0, t1):
+        dequantize_rows(ew, emb[W_TYPE], dim, tokens[i], tokens[i] + 1, x[i:i + 1])
+    spin_barrier(sync, nthr)
+
+    for layer in range(n_layers):
+        wl = wtab[layer]
+        kc, vc = kcache[layer], vcache[layer]
+
+        # ---- attention ----
+        _rmsnorm_rows(x, norms[layer, 0], eps, xb, t0, t1)
+        spin_barrier(sync, nthr)
+        qr0, qr1 = _project(blob, wl[S_Q], xb, q, n, tid, nthr)
+        kr0, kr1 = _project(blob, wl[S_K], xb, k, n, tid, nthr)
+        vr0, vr1 = _project(blob, wl[S_V], xb, v, n, tid, nthr)
+        if has_bias:
+            b = bias[layer]
+            for i in range(n):
+                for r in range(qr0, qr1):
+                    q[i, r] += b[r]
+                for r in range(kr0, kr1):
+                    k[i, r] += b[q_dim + r]
+                for r in range(vr0, vr1):
+                    v[i, r] += b[q_dim + kv_dim + r]
+        spin_barrier(sync, nthr)
+
+        # RoPE on this thread's (token, head) pairs; keys and values go into the cache as f16.
+        a0, a1 = _share(n * n_kv, tid, nthr)
+        for item in range(a0, a1):
+            i, h = item // n_kv, item % n_kv
+            _rope(k[i], h * hd, cos[i], sin[i], rope_dim, neox)
+            for j in range(hd):
+                kc[h, pos0 + i, j] = f32_to_f16(k[i, h * hd + j])
+                vc[h, pos0 + i, j] = f32_to_f16(v[i, h * hd + j])
+        a0, a1 = _share(n * n_heads, tid, nthr)
+        for item in range(a0, a1):
+            i, h = item // n_heads, item % n_heads
+            _rope(q[i], h * hd, cos[i], sin[i], rope_dim, neox)
+        spin_barrier(sync, nthr)
+
+        for item in range(a0, a1):
+            i, h = item // n_heads, item % n_heads
+            _attend(q[i], h * hd, kc, vc, h // group, pos0 + i + 1, hd, scores[tid], att[i], h * hd)
+        spin_barrier(sync, nthr)
+
+        r0, r1 = _project(blob, wl[S_O], att, tmp, n, tid, nthr)
+        for i in range(n):
+            for r in range(r0, r1):
+                x[i, r] += tmp[i, r]
+        spin_barrier(sync, nthr)
+
+        # ---- MLP ----
+        _rmsnorm_rows(x, norms[layer, 1], eps, xb, t0, t1)
+        spin_barrier(sync, nthr)
+        r0, r1 = _project(blob, wl[S_GATE], xb, hb, n, tid, nthr)
+        _project(blob, wl[S_UP], xb, hb2, n, tid, nthr)
+        for i in range(n):
+            for r in range(r0, r1):
+                g = hb[i, r]
+                hb[i, r] = g / (np.float32(1.0) + np.exp(-g)) * hb2[i, r]
+        spin_barrier(sync, nthr)
+        r0, r1 = _project(blob, wl[S_DOWN], hb, tmp, n, tid, nthr)
+        for i in range(n):
+            for r in range(r0, r1):
+                x[i, r] += tmp[i, r]
+        spin_barrier(sync, nthr)
+
+    # ---- output head, for tokens logits_from .. n-1 ----
+    n_out = n - logits_from
+    if n_out > 0:
+        o0, o1 = _share(n_out, tid, nthr)
+        _rmsnorm_rows(x[logits_from:], out_norm, eps, xb, o0, o1)
+        spin_barrier(sync, nthr)
+        _project(blob, gtab[1], xb, logits, n_out, tid, nthr)
+    spin_barrier(sync, nthr)

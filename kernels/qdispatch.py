@@ -1,0 +1,174 @@
+"""Kernel dispatch on the integer ggml type code, for compiled callers.
+
+``matvec``, ``matmul`` and ``dequantize_rows`` are njit functions taking the ggml type code as
+a runtime integer; the forward pass (itself compiled) calls them for every weight matrix. The
+if/elif chain costs a few predictable compares per call, against tens of microseconds of work.
+Each branch calls the type's kernel with the shared contract (``quant_legacy`` for the docs):
+
+    matvec(w, gtype, cols, x, out, r0, r1)       out[r] = W[r] . x,          r in [r0, r1)
+    matmul(w, gtype, cols, X, out, r0, r1)       out[i, r] = W[r] . X[i]
+    dequantize_rows(w, gtype, cols, r0, r1, out) out[r - r0] = W[r]
+
+An unsupported code raises ``ValueError`` (check ``SUPPORTED_TYPES`` up front instead).
+"""
+from __future__ import annotations
+
+from numba import njit
+
+from .quant_float import (
+    dequantize_rows_bf16,
+    dequantize_rows_f16,
+    dequantize_rows_f32,
+    matmul_bf16,
+    matmul_f16,
+    matmul_f32,
+    matvec_bf16,
+    matvec_f16,
+    matvec_f32,
+)
+from .quant_k import (
+    dequantize_rows_q3_k,
+    dequantize_rows_q4_k,
+    dequantize_rows_q5_k,
+    dequantize_rows_q6_k,
+    matmul_q3_k,
+    matmul_q4_k,
+    matmul_q5_k,
+    matmul_q6_k,
+    matvec_q3_k,
+    matvec_q4_k,
+    matvec_q5_k,
+    matvec_q6_k,
+)
+from .quant_legacy import (
+    dequantize_rows_q4_0,
+    dequantize_rows_q4_1,
+    dequantize_rows_q5_0,
+    dequantize_rows_q5_1,
+    dequantize_rows_q8_0,
+    matmul_q4_0,
+    matmul_q4_1,
+    matmul_q5_0,
+    matmul_q5_1,
+    matmul_q8_0,
+    matvec_q4_0,
+    matvec_q4_1,
+    matvec_q5_0,
+    matvec_q5_1,
+    matvec_q8_0,
+)
+
+# ggml type codes (enum ggml_type; gguf.GGMLQuantizationType)
+F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 = 0, 1, 2, 3, 6, 7, 8
+Q3_K, Q4_K, Q5_K, Q6_K = 11, 12, 13, 14
+BF16 = 30
+
+SUPPORTED_TYPES: frozenset[int] = frozenset({F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q3_K, Q4_K, Q5_K, Q6_K})
+
+# (weights per block, bytes per block) of each supported type
+_BLOCKS: dict[int, tuple[int, int]] = {
+    F32: (1, 4), F16: (1, 2), BF16: (1, 2),
+    Q4_0: (32, 18), Q4_1: (32, 20), Q5_0: (32, 22), Q5_1: (32, 24), Q8_0: (32, 34),
+    Q3_K: (256, 110), Q4_K: (256, 144), Q5_K: (256, 176), Q6_K: (256, 210),
+}
+
+
+def row_nbytes(gtype: int, cols: int) -> int:
+    """Bytes of one row of ``cols`` weights of type ``gtype`` (``cols`` a whole number of blocks)."""
+    per_block, nbytes = _BLOCKS[gtype]
+    if cols % per_block:
+        raise ValueError(f"{cols} columns are not a whole number of {per_block}-weight blocks (type {gtype})")
+    return cols // per_block * nbytes
+
+
+@njit(nogil=True, cache=True)
+def matvec(w, gtype, cols, x, out, r0, r1):
+    """out[r] = W[r] . x for r in [r0, r1); ``w``: raw rows of ggml type ``gtype``."""
+    if gtype == Q4_1:
+        matvec_q4_1(w, cols, x, out, r0, r1)
+    elif gtype == Q4_0:
+        matvec_q4_0(w, cols, x, out, r0, r1)
+    elif gtype == Q8_0:
+        matvec_q8_0(w, cols, x, out, r0, r1)
+    elif gtype == Q4_K:
+        matvec_q4_k(w, cols, x, out, r0, r1)
+    elif gtype == Q6_K:
+        matvec_q6_k(w, cols, x, out, r0, r1)
+    elif gtype == Q5_K:
+        matvec_q5_k(w, cols, x, out, r0, r1)
+    elif gtype == Q3_K:
+        matvec_q3_k(w, cols, x, out, r0, r1)
+    elif gtype == Q5_0:
+        matvec_q5_0(w, cols, x, out, r0, r1)
+    elif gtype == Q5_1:
+        matvec_q5_1(w, cols, x, out, r0, r1)
+    elif gtype == F16:
+        matvec_f16(w, cols, x, out, r0, r1)
+    elif gtype == BF16:
+        matvec_bf16(w, cols, x, out, r0, r1)
+    elif gtype == F32:
+        matvec_f32(w, cols, x, out, r0, r1)
+    else:
+        raise ValueError("matvec: unsupported ggml type")
+
+
+@njit(nogil=True, cache=True)
+def matmul(w, gtype, cols, X, out, r0, r1):
+    """out[i, r] = W[r] . X[i] for every row i of X and r in [r0, r1) (type ``gtype``)."""
+    if gtype == Q4_1:
+        matmul_q4_1(w, cols, X, out, r0, r1)
+    elif gtype == Q4_0:
+        matmul_q4_0(w, cols, X, out, r0, r1)
+    elif gtype == Q8_0:
+        matmul_q8_0(w, cols, X, out, r0, r1)
+    elif gtype == Q4_K:
+        matmul_q4_k(w, cols, X, out, r0, r1)
+    elif gtype == Q6_K:
+        matmul_q6_k(w, cols, X, out, r0, r1)
+    elif gtype == Q5_K:
+        matmul_q5_k(w, cols, X, out, r0, r1)
+    elif gtype == Q3_K:
+        matmul_q3_k(w, cols, X, out, r0, r1)
+    elif gtype == Q5_0:
+        matmul_q5_0(w, cols, X, out, r0, r1)
+    elif gtype == Q5_1:
+        matmul_q5_1(w, cols, X, out, r0, r1)
+    elif gtype == F16:
+        matmul_f16(w, cols, X, out, r0, r1)
+    elif gtype == BF16:
+        matmul_bf16(w, cols, X, out, r0, r1)
+    elif gtype == F32:
+        matmul_f32(w, cols, X, out, r0, r1)
+    else:
+        raise ValueError("matmul: unsupported ggml type")
+
+
+@njit(nogil=True, cache=True)
+def dequantize_rows(w, gtype, cols, r0, r1, out):
+    """out[r - r0] = W[r] as float32 for r in [r0, r1) (type ``gtype``)."""
+    if gtype == Q4_1:
+        dequantize_rows_q4_1(w, cols, r0, r1, out)
+    elif gtype == Q4_0:
+        dequantize_rows_q4_0(w, cols, r0, r1, out)
+    elif gtype == Q8_0:
+        dequantize_rows_q8_0(w, cols, r0, r1, out)
+    elif gtype == Q4_K:
+        dequantize_rows_q4_k(w, cols, r0, r1, out)
+    elif gtype == Q6_K:
+        dequantize_rows_q6_k(w, cols, r0, r1, out)
+    elif gtype == Q5_K:
+        dequantize_rows_q5_k(w, cols, r0, r1, out)
+    elif gtype == Q3_K:
+        dequantize_rows_q3_k(w, cols, r0, r1, out)
+    elif gtype == Q5_0:
+        dequantize_rows_q5_0(w, cols, r0, r1, out)
+    elif gtype == Q5_1:
+        dequantize_rows_q5_1(w, cols, r0, r1, out)
+    elif gtype == F16:
+        dequantize_rows_f16(w, cols, r0, r1, out)
+    elif gtype == BF16:
+        dequantize_rows_bf16(w, cols, r0, r1, out)
+    elif gtype == F32:
+        dequantize_rows_f32(w, cols, r0, r1, out)
+    else:
+        raise ValueError("dequantize_rows: unsupported ggml type")

@@ -1,0 +1,36 @@
+"""The backend protocol: what the model runtime needs from a compute engine.
+
+The numba backend (``runtime.numba_backend``) implements it on CPUs; an MLX backend plugs in
+the same way. A backend owns the weights and evaluates tokens against a KV cache it created;
+everything else -- tokenizer, sampling, generation loops, apps -- is shared.
+"""
+from __future__ import annotations
+
+from typing import Protocol, Sequence
+
+import numpy as np
+
+from ..models.base import ModelArgs
+from .kv_cache import KVCache
+
+
+class Backend(Protocol):
+    name: str
+    args: ModelArgs
+
+    def new_cache(self, n_ctx: int) -> KVCache:
+        """An empty KV cache with room for ``n_ctx`` tokens."""
+        ...
+
+    def forward(self, tokens: Sequence[int], cache: KVCache, logits_from: int | None = None) -> np.ndarray:
+        """Evaluate ``tokens`` at positions ``cache.offset ...`` and append them to the cache.
+
+        Returns float32 logits ``[len(tokens) - logits_from, vocab]`` for the tokens from index
+        ``logits_from`` on (default: only the last token).
+        """
+        ...
+
+    @property
+    def weights_nbytes(self) -> int: ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,191 @@
+"""The public Python API: ``load`` a GGUF model and generate text from it.
+
+    model = edgelm.load("smollm2-135m-instruct")
+    for piece in model.chat([{"role": "user", "content": "Hi!"}], max_tokens=64):
+        print(piece, end="", flush=True)
+
+A ``Model`` keeps one KV cache for generation and remembers which tokens it holds: a new
+prompt that starts with the same tokens (the next turn of a chat, a retry) only evaluates
+what is new.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
+
+import numpy as np
+import psutil
+
+from ..models import ModelArgs, model_args
+from ..models.registry import resolve
+from .chat_template import ChatTemplate
+from .generate import GenerationStats, generate_tokens
+from .gguf import GGUFFile
+from .numba_backend import NumbaBackend
+from .sampling import Sampler, SamplingParams, StopMatcher
+from .tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from .chat import ChatSession
+
+
+def default_threads() -> int:
+    """Physical cores: a second hyper-thread per core only adds contention to these kernels."""
+    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+
+
+def _kernels_cached() -> bool:
+    """Whether the compiled forward pass is in numba's disk cache (else the first call compiles)."""
+    from numba.core import config
+
+    from ..kernels import forward
+
+    base = Path(config.CACHE_DIR) if config.CACHE_DIR else Path(forward.__file__).parent / "__pycache__"
+    return any(base.glob("**/forward.forward_worker*.nbi"))
+
+
+class Model:
+    """A loaded model: tokenizer, chat template, backend and a generation KV cache."""
+
+    def __init__(self, path: Path, gguf: GGUFFile, args: ModelArgs, threads: int, n_ctx: int):
+        self.path = path
+        self.gguf = gguf
+        self.args = args
+        self.arch = args.arch
+        self.name = str(gguf.metadata.get("general.name", path.stem))
+        self.threads = threads
+        self.n_ctx = n_ctx
+        self.n_vocab = args.vocab_size
+        self.tokenizer = Tokenizer.from_metadata(gguf.metadata)
+        self.template = ChatTemplate.from_metadata(gguf.metadata, self.tokenizer)
+        self.backend = NumbaBackend(gguf, args, threads)
+        self.cache = self.backend.new_cache(n_ctx)
+        self._history: list[int] = []  # the tokens self.cache holds, in order
+        self.last_stats = GenerationStats()
+
+    # ---- tokens ----
+    def tokenize(self, text: str, add_bos: bool = True, special: bool = False) -> list[int]:
+        """Token ids of ``text``; ``add_bos`` adds the model's BOS if it uses one;
+        ``special`` parses special-token text such as ``<|im_start|>``."""
+        return self.tokenizer.encode(text, add_special=add_bos, parse_special=special)
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(ids)
+
+    def logits(self, ids: Sequence[int]) -> np.ndarray:
+        """float32 logits ``[len(ids), n_vocab]`` of ``ids`` evaluated in a fresh context."""
+        ids = list(ids)
+        cache = self.backend.new_cache(max(len(ids), 1))
+        if len(ids) > self.n_ctx:
+            from .errors import ContextOverflowError
+            raise ContextOverflowError(len(ids), self.n_ctx)
+        return self.backend.forward(ids, cache, logits_from=0)
+
+    # ---- generation ----
+    def generate(self, prompt: str | Sequence[int], max_tokens: int = 256, temperature: float = 0.8,
+                 top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0,
+                 seed: int | None = None, stop: Sequence[str] | None = None) -> Iterator[str]:
+        """Stream the completion of ``prompt`` (text, or token ids) as text pieces."""
+        ids = self.tokenize(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                repeat_penalty=repeat_penalty, seed=seed)
+        return self._complete(ids, params, max_tokens, stop or ())
+
+    def chat(self, messages: list[dict[str, Any]], **kwargs: Any) -> Iterator[str]:
+        """Stream the assistant's reply to ``messages`` (``{"role", "content"}`` dicts)."""
+        text = self.template.render(messages, add_generation_prompt=True)
+        return self.generate(self.tokenize(text, add_bos=True, special=True), **kwargs)
+
+    def chat_session(self, system: str | None = None) -> "ChatSession":
+        """A conversation that keeps its history (and KV cache) across turns."""
+        from .chat import ChatSession
+
+        return ChatSession(self, system)
+
+    def _complete(self, ids: list[int], params: SamplingParams, max_tokens: int,
+                  stop: Sequence[str]) -> Iterator[str]:
+        if not ids:
+            raise ValueError("empty prompt: nothing to continue from")
+        if max_tokens < 0:
+            raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
+        params.validate()
+        if len(ids) > self.n_ctx:
+            from .errors import ContextOverflowError
+            raise ContextOverflowError(len(ids), self.n_ctx)
+        return self._stream(ids, params, max_tokens, stop)
+
+    def _reuse_prefix(self, ids: list[int]) -> int:
+        """Trim the cache to the longest prefix it shares with ``ids``; returns its length."""
+        common = 0
+        for a, b in zip(self._history, ids):
+            if a != b:
+                break
+            common += 1
+        common = min(common, len(ids) - 1)  # evaluate at least one token to get logits
+        self.cache.trim(len(self._history) - common)
+        del self._history[common:]
+        return common
+
+    def _stream(self, ids: list[int], params: SamplingParams, max_tokens: int,
+                stop: Sequence[str]) -> Iterator[str]:
+        stats = self.last_stats = GenerationStats(prompt_tokens=len(ids), _t0=time.perf_counter())
+        cpu0 = time.process_time()
+        stats.cached_tokens = self._reuse_prefix(ids)
+        sampler = Sampler(params, self.n_vocab)
+        decoder = self.tokenizer.stream_decoder()
+        matcher = StopMatcher(stop)
+        tokens = generate_tokens(self.backend, self.cache, ids[stats.cached_tokens:], self._history,
+                                 sampler, max_tokens, self.tokenizer.eog_ids, stats)
+        try:
+            for token in tokens:
+                text, stopped = matcher.push(decoder.push(token))
+                if text:
+                    yield text
+                if stopped:
+                    stats.finish_reason = "stop"
+                    return
+            tail, _ = matcher.push(decoder.flush())
+            tail += matcher.flush()
+            if tail:
+                yield tail
+        finally:
+            tokens.close()
+            stats.cpu_s = time.process_time() - cpu0
+            if max_tokens == 0:
+                stats.finish_reason = "length"
+
+    # ---- resources ----
+    def memory_stats(self) -> dict[str, int]:
+        return {
+            "rss_bytes": psutil.Process().memory_info().rss,
+            "kv_bytes": self.cache.nbytes,
+            "weights_bytes": self.backend.weights_nbytes,
+            "n_ctx": self.n_ctx,
+            "tokens": self.cache.offset,
+        }
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def __repr__(self) -> str:
+        return f"Model({self.name!r}, arch={self.arch}, threads={self.threads}, n_ctx={self.n_ctx})"
+
+
+def load(model: str | os.PathLike = "smollm2-135m-instruct", threads: int | None = None,
+         n_ctx: int | None = None) -> Model:
+    """Load a model by short name or GGUF path (pulling a known default on first use)."""
+    path = resolve(model)
+    gguf = GGUFFile(path)
+    args = model_args(gguf.metadata, set(gguf.tensors), gguf.tensor)
+    threads = threads or default_threads()
+    n_ctx = int(n_ctx or min(args.context_length, 8192))
+    if n_ctx < 1:
+        raise ValueError(f"n_ctx must be positive, got {n_ctx}")
+    if not _kernels_cached():
+        print("edgelm: compiling CPU kernels (first launch only, about a minute)...", file=sys.stderr, flush=True)
+    m = Model(path, gguf, args, threads, n_ctx)
+    m.backend.forward([0], m.backend.new_cache(1))  # compile (or load from the disk cache) now, not mid-reply
+    return m

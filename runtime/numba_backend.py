@@ -1,0 +1,172 @@
+"""The CPU backend: numba kernels running directly on the memory-mapped GGUF blocks."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from ..kernels.forward import (
+    C_BIAS, C_DIM, C_HEAD_DIM, C_HEADS, C_HIDDEN, C_KV_HEADS, C_LAYERS, C_NEOX, C_ROPE_DIM, C_VOCAB,
+    forward_worker,
+)
+from ..kernels.qdispatch import SUPPORTED_TYPES
+from ..kernels.threads import ThreadTeam
+from ..models.base import BIAS_SLOTS, ModelArgs, layer_tensor_name
+from .errors import ContextOverflowError, ModelFormatError
+from .gguf import GGUFFile
+from .kv_cache import F16KVCache, KVCache
+from .quants import GGMLType
+
+# Projections in the order of kernels.forward's S_* slots, with (rows, cols) as functions of args.
+_PROJECTIONS = (
+    ("attn_q", lambda a: (a.q_dim, a.dim)),
+    ("attn_k", lambda a: (a.kv_dim, a.dim)),
+    ("attn_v", lambda a: (a.kv_dim, a.dim)),
+    ("attn_output", lambda a: (a.dim, a.q_dim)),
+    ("ffn_gate", lambda a: (a.hidden_dim, a.dim)),
+    ("ffn_up", lambda a: (a.hidden_dim, a.dim)),
+    ("ffn_down", lambda a: (a.dim, a.hidden_dim)),
+)
+MAX_BATCH = 512  # tokens per forward call; longer prompts are evaluated in chunks
+
+
+def rope_tables(positions: np.ndarray, args: ModelArgs) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin [n, rope_dim // 2] for the given positions, computed the way ggml does.
+
+    ggml builds each angle as pos * scale * scale * ... in float32 (scale = base^(-2/d)); doing
+    the same keeps our rotations bit-compatible with llama.cpp's at long positions.
+    """
+    half = args.rope_dim // 2
+    scale = np.float32(args.rope_theta) ** np.float32(-2.0 / args.rope_dim)
+    theta = positions.astype(np.float32)
+    angles = np.empty((len(positions), half), dtype=np.float32)
+    for j in range(half):
+        angles[:, j] = theta
+        theta = theta * scale
+    if args.rope_freq_factors is not None:
+        angles /= np.asarray(args.rope_freq_factors, dtype=np.float32)[:half]
+    return np.cos(angles), np.sin(angles)
+
+
+class NumbaBackend:
+    """Evaluates a llama-family model with the compiled forward pass of ``kernels.forward``."""
+
+    name = "numba"
+
+    def __init__(self, gguf: GGUFFile, args: ModelArgs, threads: int):
+        self.gguf = gguf
+        self.args = args
+        self.team = ThreadTeam(threads)
+        self._blob = np.asarray(gguf.buffer).view(np.uint8)
+        self._wtab = np.stack([
+            np.stack([self._table_row(layer_tensor_name(l, slot), *shape(args)) for slot, shape in _PROJECTIONS])
+            for l in range(args.n_layers)
+        ])
+        emb = self._table_row("token_embd.weight", args.vocab_size, args.dim)
+        out = emb if args.tied_output else self._table_row("output.weight", args.vocab_size, args.dim)
+        self._gtab = np.stack([emb, out])
+        self._norms = np.stack([
+            np.stack([self._vector(layer_tensor_name(l, "attn_norm"), args.dim),
+                      self._vector(layer_tensor_name(l, "ffn_norm"), args.dim)])
+            for l in range(args.n_layers)
+        ])
+        self._out_norm = self._vector("output_norm.weight", args.dim)
+        bias_len = args.q_dim + 2 * args.kv_dim
+        if args.qkv_bias:
+            self._bias = np.stack([
+                np.concatenate([self._vector(layer_tensor_name(l, s, "bias"), n)
+                                for s, n in zip(BIAS_SLOTS, (args.q_dim, args.kv_dim, args.kv_dim))])
+                for l in range(args.n_layers)
+            ])
+        else:
+            self._bias = np.zeros((args.n_layers, bias_len), dtype=np.float32)
+        self._icfg = np.zeros(10, dtype=np.int64)
+        for key, value in ((C_DIM, args.dim), (C_LAYERS, args.n_layers), (C_HEADS, args.n_heads),
+                           (C_KV_HEADS, args.n_kv_heads), (C_HEAD_DIM, args.head_dim),
+                           (C_HIDDEN, args.hidden_dim), (C_VOCAB, args.vocab_size),
+                           (C_ROPE_DIM, args.rope_dim), (C_NEOX, int(args.rope_neox)),
+                           (C_BIAS, int(args.qkv_bias))):
+            self._icfg[key] = value
+        self._eps = np.float32(args.rms_eps)
+        self._buffers: dict[tuple[int, int], tuple[np.ndarray, ...]] = {}
+
+    # ---- weights ----
+    def _table_row(self, name: str, rows: int, cols: int) -> np.ndarray:
+        info = self.gguf.tensors.get(name)
+        if info is None:
+            raise ModelFormatError(f"{self.gguf.path.name}: missing tensor {name!r}")
+        if info.shape[0] != cols or info.n_rows != rows:
+            raise ModelFormatError(
+                f"{self.gguf.path.name}: tensor {name!r} has shape {tuple(info.shape)}, expected ({cols}, {rows})")
+        if int(info.ggml_type) not in SUPPORTED_TYPES:
+            raise ModelFormatError(
+                f"{self.gguf.path.name}: tensor {name!r} has type {GGMLType(info.ggml_type).name}, "
+                f"which the CPU kernels do not support")
+        return np.array([info.offset, info.nbytes, int(info.ggml_type), rows, cols], dtype=np.int64)
+
+    def _vector(self, name: str, length: int) -> np.ndarray:
+        if name not in self.gguf.tensors:
+            raise ModelFormatError(f"{self.gguf.path.name}: missing tensor {name!r}")
+        vec = np.ascontiguousarray(self.gguf.tensor(name), dtype=np.float32).reshape(-1)
+        if vec.shape[0] != length:
+            raise ModelFormatError(f"{self.gguf.path.name}: tensor {name!r} has {vec.shape[0]} values, expected {length}")
+        return vec
+
+    @property
+    def weights_nbytes(self) -> int:
+        return sum(t.nbytes for t in self.gguf.tensors.values())
+
+    # ---- evaluation ----
+    def new_cache(self, n_ctx: int) -> KVCache:
+        a = self.args
+        return F16KVCache(a.n_layers, a.n_kv_heads, a.head_dim, n_ctx)
+
+    def _scratch(self, n: int, n_ctx: int) -> tuple[np.ndarray, ...]:
+        """Activation buffers for an n-token pass (cached for the decode shape n == 1)."""
+        key = (n, n_ctx)
+        bufs = self._buffers.get(key)
+        if bufs is None:
+            a, f32 = self.args, np.float32
+            bufs = (np.zeros((n, a.dim), f32), np.zeros((n, a.dim), f32),        # x, xb
+                    np.zeros((n, a.q_dim), f32), np.zeros((n, a.kv_dim), f32),   # q, k
+                    np.zeros((n, a.kv_dim), f32), np.zeros((n, a.q_dim), f32),   # v, att
+                    np.zeros((n, a.dim), f32),                                   # tmp
+                    np.zeros((n, a.hidden_dim), f32), np.zeros((n, a.hidden_dim), f32),  # hb, hb2
+                    np.zeros((self.team.nthreads, n_ctx), f32))                  # scores
+            if n == 1:
+                self._buffers[key] = bufs
+        return bufs
+
+    def forward(self, tokens: Sequence[int], cache: KVCache, logits_from: int | None = None) -> np.ndarray:
+        toks = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        n = len(toks)
+        if n == 0:
+            return np.zeros((0, self.args.vocab_size), dtype=np.float32)
+        if logits_from is None:
+            logits_from = n - 1
+        if not 0 <= logits_from <= n:
+            raise ValueError(f"logits_from={logits_from} outside [0, {n}]")
+        if toks.min() < 0 or toks.max() >= self.args.vocab_size:
+            bad = int(toks[(toks < 0) | (toks >= self.args.vocab_size)][0])
+            raise ValueError(f"token id {bad} outside the vocabulary [0, {self.args.vocab_size})")
+        if cache.offset + n > cache.n_ctx:
+            raise ContextOverflowError(cache.offset + n, cache.n_ctx)
+        out = np.empty((n - logits_from, self.args.vocab_size), dtype=np.float32)
+        for c0 in range(0, n, MAX_BATCH):
+            c1 = min(n, c0 + MAX_BATCH)
+            lf = min(max(logits_from - c0, 0), c1 - c0)
+            start, end = max(c0, logits_from), max(c1, logits_from)
+            self._forward_chunk(toks[c0:c1], cache, lf, out[start - logits_from:end - logits_from])
+        return out
+
+    def _forward_chunk(self, toks: np.ndarray, cache: F16KVCache, logits_from: int, logits: np.ndarray) -> None:
+        n = len(toks)
+        pos0 = cache.reserve(n)
+        cos, sin = rope_tables(np.arange(pos0, pos0 + n), self.args)
+        self.team.run(forward_worker, self._blob, self._wtab, self._gtab, self._norms, self._bias,
+                      self._out_norm, self._icfg, self._eps, toks, pos0, cos, sin, cache.k, cache.v,
+                      *self._scratch(n, cache.n_ctx), logits_from, logits)
+        cache.update(n)
+
+    def close(self) -> None:
+        self.team.close()

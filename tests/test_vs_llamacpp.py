@@ -1,0 +1,80 @@
+"""edgelm against llama.cpp on the same GGUF files: logits, greedy text, perplexity.
+
+llama.cpp rounds activations to 8 bits inside its quantized dot products while edgelm keeps
+them in float32, so logits differ slightly and a near-tie can flip; the thresholds below are
+the issue's acceptance criteria.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import edgelm
+from edgelm.runtime.perplexity import perplexity
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+    "Once upon a time, in a small village by the sea,",
+    "<|im_start|>user\nWhat are three tips for staying healthy?<|im_end|>\n<|im_start|>assistant\n",
+    "1. Apples\n2. Bananas\n3.",
+]
+CTX = 2048
+
+
+@pytest.fixture(scope="module", params=["q4_1", "q8_0", "q4_k_m"])
+def engines(request, default_gguf, requantized_gguf, llama_cpp):
+    path = default_gguf if request.param == "q4_1" else requantized_gguf(request.param)
+    ours = edgelm.load(str(path), threads=2, n_ctx=CTX)
+    ref = llama_cpp.Llama(model_path=str(path), n_ctx=CTX, n_batch=512, n_threads=2, n_threads_batch=2,
+                          logits_all=True, verbose=False)
+    yield request.param, ours, ref
+    ours.close()
+    ref.close()
+
+
+def _ref_logits(ref, ids):
+    ref.reset()
+    ref.eval(list(ids))
+    return np.array(ref.scores[: len(ids)], dtype=np.float32)
+
+
+def test_top1_agreement_over_2048_wikitext_tokens(engines, eval_text):
+    kind, ours, ref = engines
+    ids = ours.tokenize(eval_text[:20000])[:CTX]
+    assert len(ids) == CTX
+    a, b = ours.logits(ids), _ref_logits(ref, ids)
+    agree = float((a.argmax(-1) == b.argmax(-1)).mean())
+    print(f"{kind}: top-1 agreement {agree:.4f}, max |dlogit| {np.abs(a - b).max():.3f}")
+    assert agree >= 0.99
+
+
+def test_greedy_continuations_match(engines):
+    kind, ours, ref = engines
+    same = 0
+    for prompt in PROMPTS:
+        ids = ours.tokenize(prompt, special=True)
+        assert ids == ref.tokenize(prompt.encode(), add_bos=True, special=True)
+        ref.reset()
+        ref.eval(ids)
+        want = []
+        for _ in range(64):
+            tok = int(np.argmax(ref.scores[ref.n_tokens - 1]))
+            if tok in ours.tokenizer.eog_ids:
+                break
+            want.append(tok)
+            ref.eval([tok])
+        got = "".join(ours.generate(ids, max_tokens=64, temperature=0.0))
+        same += got == ours.detokenize(want)
+    print(f"{kind}: {same}/5 greedy continuations identical")
+    assert same >= 4
+
+
+def test_perplexity_within_one_percent(engines, eval_text):
+    kind, ours, ref = engines
+    tokens = ours.tokenize(eval_text[:200000])
+    bos = ours.tokenizer.bos_id if ours.tokenizer.add_bos else None
+    mine = perplexity(ours.logits, tokens, 512, 20, bos)
+    theirs = perplexity(lambda ids: _ref_logits(ref, ids), tokens, 512, 20, bos)
+    print(f"{kind}: perplexity edgelm {mine.ppl:.3f} llama.cpp {theirs.ppl:.3f}")
+    assert abs(mine.ppl / theirs.ppl - 1) < 0.01
