@@ -18,6 +18,7 @@ import argparse
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -31,6 +32,7 @@ MIB = 1024 * 1024
 # The held-out WikiText-2 text shipped with the repository (see /work/shared/data/README.md).
 DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-eval.txt"
 ENGINES = ("edgelm", "llama.cpp")
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b")
 BUSY_LOAD = 0.5  # load average per benchmark thread above which we warn that figures are skewed
 
 
@@ -94,9 +96,15 @@ def run_worker(engine: str, config: BenchConfig, numba_cache: Path, startup_only
     launched_at = time.time()
     proc = subprocess.run([*cmd, "--launched-at", repr(launched_at)], env=env, capture_output=True, text=True)
     if proc.returncode != 0:
-        lines = proc.stderr.strip().splitlines() or ["(no output)"]
-        raise RuntimeError(f"{engine} benchmark worker failed: {lines[-1]}")
+        raise RuntimeError(f"{engine} benchmark worker failed: {_error_line(proc.stderr)}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _error_line(stderr: str) -> str:
+    """The exception line of a traceback (numba appends context lines after it), else the last line."""
+    lines = stderr.strip().splitlines() or ["(no output)"]
+    errors = [line for line in lines if _EXCEPTION_LINE.match(line)]
+    return (errors or lines)[-1]
 
 
 def bench_engine(engine: str, config: BenchConfig) -> dict:

@@ -8,16 +8,21 @@ Ctrl-C at the prompt leaves cleanly.
 from __future__ import annotations
 
 import sys
-from typing import Any, Generator, TextIO
+from typing import TYPE_CHECKING, Any, Generator, TextIO
 
 from ..runtime.errors import ContextOverflowError
+
+if TYPE_CHECKING:
+    from ..runtime.chat import ChatSession
+    from ..runtime.generate import GenerationStats
+    from ..runtime.model import Model
 
 PROMPT = ">>> "
 HELP = "commands: /reset (forget the conversation), /stats (speed and memory), /quit (or Ctrl-D)"
 MIB = 1024 * 1024
 
 
-def format_generation_stats(stats: Any) -> str:
+def format_generation_stats(stats: "GenerationStats") -> str:
     """One line of a ``GenerationStats``: token counts, prefill/decode speed, time to first token."""
     return (f"{stats.prompt_tokens} prompt tokens, {stats.generated_tokens} generated; "
             f"prefill {stats.prefill_tok_s:.1f} tok/s, decode {stats.decode_tok_s:.1f} tok/s, "
@@ -30,7 +35,7 @@ def format_memory_stats(mem: dict) -> str:
             f"weights {mem['weights_bytes'] / MIB:.1f} MiB, {mem['tokens']} of {mem['n_ctx']} tokens in context")
 
 
-def run_chat(model: Any, system: str | None = None, sampling: dict[str, Any] | None = None,
+def run_chat(model: "Model", system: str | None = None, sampling: dict[str, Any] | None = None,
              stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
     """Run the REPL on ``model`` until /quit, end of input or Ctrl-C at the prompt; returns 0."""
     stdin = stdin or sys.stdin
@@ -41,10 +46,10 @@ def run_chat(model: Any, system: str | None = None, sampling: dict[str, Any] | N
         import readline  # noqa: F401  (line editing and history for input(); only on a terminal)
         print(f"edgelm chat with {model.name}. {HELP}", file=stdout)
     session = model.chat_session(system)
-    replied = False  # model.last_stats describes a chat reply only once there has been one
+    replied = False  # until the first reply, model.last_stats is not this conversation's
     while True:
         try:
-            line = _read_line(stdin, stdout, interactive)
+            line = _read_line(stdin, interactive)
         except KeyboardInterrupt:
             stdout.write("\n")
             return 0
@@ -70,7 +75,7 @@ def run_chat(model: Any, system: str | None = None, sampling: dict[str, Any] | N
         replied = _stream_reply(session, text, sampling, stdout) or replied
 
 
-def _read_line(stdin: TextIO, stdout: TextIO, interactive: bool) -> str | None:
+def _read_line(stdin: TextIO, interactive: bool) -> str | None:
     """The next input line, or None at end of input."""
     if interactive:
         try:
@@ -81,7 +86,7 @@ def _read_line(stdin: TextIO, stdout: TextIO, interactive: bool) -> str | None:
     return line if line else None
 
 
-def _stream_reply(session: Any, text: str, sampling: dict[str, Any], stdout: TextIO) -> bool:
+def _stream_reply(session: "ChatSession", text: str, sampling: dict[str, Any], stdout: TextIO) -> bool:
     """Send ``text`` and print the streamed reply; returns False if it did not fit the context."""
     pieces: Generator[str, None, None] | None = None
     try:
@@ -103,7 +108,7 @@ def _stream_reply(session: Any, text: str, sampling: dict[str, Any], stdout: Tex
     return True
 
 
-def _stats_text(model: Any, replied: bool) -> str:
+def _stats_text(model: "Model", replied: bool) -> str:
     memory = "memory: " + format_memory_stats(model.memory_stats())
     if not replied:
         return "no reply yet\n" + memory

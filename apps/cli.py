@@ -19,6 +19,7 @@ import edgelm
 from ..models.registry import DEFAULT_MODEL, REGISTRY, pull, resolve
 from ..runtime.errors import EdgeLMError
 from ..runtime.perplexity import iter_perplexity
+from ..runtime.sampling import SamplingParams
 from . import bench, chat
 
 if TYPE_CHECKING:
@@ -58,8 +59,15 @@ def sampling_arguments() -> argparse.ArgumentParser:
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """The sampling keywords the user set, ready for ``Model.generate``/``ChatSession.send``."""
-    return {name: getattr(args, name) for name in SAMPLING_FLAGS if getattr(args, name) is not None}
+    """The sampling keywords the user set, ready for ``Model.generate``/``ChatSession.send``.
+
+    They are validated here, so that a bad value fails at once rather than after loading the model.
+    """
+    kwargs = {name: getattr(args, name) for name in SAMPLING_FLAGS if getattr(args, name) is not None}
+    SamplingParams(**{k: v for k, v in kwargs.items() if k not in ("max_tokens", "stop")})  # raises ValueError
+    if kwargs.get("max_tokens", 0) < 0:
+        raise ValueError(f"--max-tokens must be >= 0, got {kwargs['max_tokens']}")
+    return kwargs
 
 
 def load_model(args: argparse.Namespace, n_ctx: int | None = None) -> "Model":
@@ -76,10 +84,11 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """``edgelm generate``: stream the completion of the prompt to stdout."""
+    sampling = sampling_kwargs(args)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     model = load_model(args, n_ctx=args.ctx)
     out = sys.stdout
-    for piece in model.generate(prompt, **sampling_kwargs(args)):
+    for piece in model.generate(prompt, **sampling):
         out.write(piece)
         out.flush()  # stream: the user sees every piece as soon as it is decoded
     out.write("\n")
@@ -91,8 +100,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     """``edgelm chat``: the REPL of :mod:`edgelm.apps.chat`."""
+    sampling = sampling_kwargs(args)
     model = load_model(args, n_ctx=args.ctx)
-    return chat.run_chat(model, system=args.system, sampling=sampling_kwargs(args))
+    return chat.run_chat(model, system=args.system, sampling=sampling)
 
 
 def cmd_perplexity(args: argparse.Namespace) -> int:

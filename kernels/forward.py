@@ -19,7 +19,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .lowlevel import f16_to_f32, f32_to_f16, spin_barrier
+from .attention import QUERY_BLOCK, attend_block
+from .lowlevel import f32_to_f16, spin_barrier
 from .qdispatch import dequantize_rows, matmul, matvec
 
 # Column layout of the int64 weight tables: one row per tensor.
@@ -80,40 +81,10 @@ def _rope(vec, base, cos, sin, rope_dim, neox):
 
 
 @njit(nogil=True, fastmath=True, cache=True)
-def _attend(q, qbase, kc, vc, kvh, n_keys, hd, scores, out, obase):
-    """Causal softmax attention of one query head over the first n_keys cached positions.
-
-    q[qbase:qbase+hd] (float32), kc/vc: uint16 (f16) [n_kv_heads, n_ctx, hd] of one layer,
-    scores: float32 scratch [>= n_keys], out[obase:obase+hd] receives the result.
-    """
-    scale = np.float32(1.0) / np.sqrt(np.float32(hd))
-    mx = np.float32(-np.inf)
-    for t in range(n_keys):
-        s = np.float32(0.0)
-        for j in range(hd):
-            s += q[qbase + j] * f16_to_f32(kc[kvh, t, j])
-        s *= scale
-        scores[t] = s
-        mx = max(mx, s)
-    total = np.float32(0.0)
-    for t in range(n_keys):
-        e = np.exp(scores[t] - mx)
-        scores[t] = e
-        total += e
-    inv = np.float32(1.0) / total
-    for j in range(hd):
-        out[obase + j] = 0.0
-    for t in range(n_keys):
-        p = scores[t] * inv
-        for j in range(hd):
-            out[obase + j] += p * f16_to_f32(vc[kvh, t, j])
-
-
-@njit(nogil=True, fastmath=True, cache=True)
 def forward_worker(tid, nthr, sync,
                    blob, wtab, gtab, norms, bias, out_norm, icfg, eps,
                    tokens, pos0, cos, sin, kcache, vcache,
-                   x, xb, q, k, v, att, tmp, hb, hb2, scores,
+                   x, xb, q, k, v, att, tmp, hb, hb2, scores, row,
                    logits_from, logits):
     """Thread ``tid`` of ``nthr``'s part of one forward pass over ``n = len(tokens)`` tokens.
 
@@ -128,7 +99,7 @@ def forward_worker(tid, nthr, sync,
     x, xb:  f32    [n, dim]               residual stream, normed copy
     q:      f32    [n, q_dim];  k, v: f32 [n, kv_dim];  att: f32 [n, q_dim]
     tmp:    f32    [n, dim];    hb, hb2: f32 [n, hidden]
-    scores: f32    [nthr, n_ctx]          per-thread attention scratch
+    scores: f32    [nthr, QUERY_BLOCK, n_ctx]  per-thread attention scratch; row: f32 [nthr, head_dim]
     logits: f32    [n - logits_from, vocab]  written for tokens logits_from .. n-1
     """
     n = tokens.shape[0]
@@ -137,6 +108,7 @@ def forward_worker(tid, nthr, sync,
     rope_dim, neox, has_bias = icfg[C_ROPE_DIM], icfg[C_NEOX] != 0, icfg[C_BIAS] != 0
     q_dim, kv_dim = n_heads * hd, n_kv * hd
     group = n_heads // n_kv
+    n_blocks = (n + QUERY_BLOCK - 1) // QUERY_BLOCK
     t0, t1 = _share(n, tid, nthr)
 
     # Embedding lookup: this thread's tokens.
@@ -181,9 +153,13 @@ def forward_worker(tid, nthr, sync,
             _rope(q[i], h * hd, cos[i], sin[i], rope_dim, neox)
         spin_barrier(sync, nthr)
 
-        for item in range(a0, a1):
-            i, h = item // n_heads, item % n_heads
-            _attend(q[i], h * hd, kc, vc, h // group, pos0 + i + 1, hd, scores[tid], att[i], h * hd)
+        # Attention: (query block, head) items dealt round-robin, since later blocks see more
+        # keys and cost more.
+        for item in range(tid, n_blocks * n_heads, nthr):
+            blk, h = item // n_heads, item % n_heads
+            i0 = blk * QUERY_BLOCK
+            attend_block(q, att, i0, min(n, i0 + QUERY_BLOCK), h, hd, kc, vc, h // group, pos0,
+                         scores[tid], row[tid])
         spin_barrier(sync, nthr)
 
         r0, r1 = _project(blob, wl[S_O], att, tmp, n, tid, nthr)

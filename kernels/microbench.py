@@ -4,8 +4,9 @@ For each ggml type and weight shape (default: the three matrix shapes of SmolLM2
 cols = 1536x576, 576x1536, 49152x576) it times ``qdispatch.matvec`` and ``qdispatch.matmul``
 (``--n`` tokens) on random valid blocks and prints GFLOP/s (2 * rows * cols * n / time) and
 GB/s (weight bytes / time). Each thread repeats the kernel on its share of the rows inside one
-compiled loop, so the figures exclude Python and thread-launch overhead; the best of
-``--repeats`` timings is reported.
+compiled loop, so the figures exclude Python and thread-launch overhead; the best of three
+timings is reported. By default the weights stay in cache between calls (kernel speed);
+``--cold`` cycles through copies larger than the caches, as decoding a whole model does.
 
     python -m edgelm.kernels.microbench --types q4_1,q8_0 --ops matvec --threads 1 --json
 """
@@ -23,6 +24,7 @@ from numba import njit
 from .qdispatch import SUPPORTED_TYPES, matmul, matvec, row_nbytes
 
 DEFAULT_SHAPES = ((1536, 576), (576, 1536), (49152, 576))
+COLD_BYTES = 256 << 20  # --cold: weight copies cycled through, well beyond the last-level cache
 # f16 fields (byte offset in the block) holding a K-quant's super-block scales; every other
 # byte of a K-quant block is a valid quant or sub-scale whatever its value
 _K_SCALE_FIELDS = {
@@ -56,35 +58,39 @@ def random_weights(gtype: int, rows: int, cols: int, rng: np.random.Generator) -
 
 
 @njit(nogil=True, cache=True)
-def _repeat_matvec(w, gtype, cols, x, out, r0, r1, reps):
-    for _ in range(reps):
-        matvec(w, gtype, cols, x, out, r0, r1)
+def _repeat_matvec(ws, gtype, cols, x, out, r0, r1, reps):
+    for i in range(reps):
+        matvec(ws[i % ws.shape[0]], gtype, cols, x, out, r0, r1)
 
 
 @njit(nogil=True, cache=True)
-def _repeat_matmul(w, gtype, cols, X, out, r0, r1, reps):
-    for _ in range(reps):
-        matmul(w, gtype, cols, X, out, r0, r1)
+def _repeat_matmul(ws, gtype, cols, X, out, r0, r1, reps):
+    for i in range(reps):
+        matmul(ws[i % ws.shape[0]], gtype, cols, X, out, r0, r1)
 
 
 def time_kernel(gtype: int, rows: int, cols: int, n: int, threads: int = 1, min_time: float = 0.2,
-                repeats: int = 3, seed: int = 0) -> float:
-    """Best seconds per call of matvec (``n == 0``) or matmul with ``n`` tokens."""
+                repeats: int = 3, seed: int = 0, cold: bool = False) -> float:
+    """Best seconds per call of matvec (``n == 0``) or matmul with ``n`` tokens.
+
+    ``cold``: cycle through copies of the weights totalling ``COLD_BYTES``, so that every call
+    streams them from DRAM as a decode step does (a model is larger than the caches)."""
     rng = np.random.default_rng(seed)
     w = random_weights(gtype, rows, cols, rng)
+    ws = np.stack([w] * (max(2, -(-COLD_BYTES // w.nbytes)) if cold else 1))
     bounds = [(rows * t // threads, rows * (t + 1) // threads) for t in range(threads)]
     if n == 0:
         x = rng.standard_normal(cols).astype(np.float32)
         out = np.zeros(rows, np.float32)
 
         def run(r0: int, r1: int, reps: int) -> None:
-            _repeat_matvec(w, gtype, cols, x, out, r0, r1, reps)
+            _repeat_matvec(ws, gtype, cols, x, out, r0, r1, reps)
     else:
         X = rng.standard_normal((n, cols)).astype(np.float32)
         out2 = np.zeros((n, rows), np.float32)
 
         def run(r0: int, r1: int, reps: int) -> None:
-            _repeat_matmul(w, gtype, cols, X, out2, r0, r1, reps)
+            _repeat_matmul(ws, gtype, cols, X, out2, r0, r1, reps)
 
     with ThreadPoolExecutor(threads) as pool:
         def timed(reps: int) -> float:
@@ -102,17 +108,17 @@ def time_kernel(gtype: int, rows: int, cols: int, n: int, threads: int = 1, min_
 
 
 def run_benchmarks(types: list[int], ops: list[str], ns: list[int], shapes: list[tuple[int, int]],
-                   threads: int, min_time: float) -> list[dict]:
+                   threads: int, min_time: float, cold: bool = False) -> list[dict]:
     """Time every (type, op, shape) and return one result dict per measurement."""
     results = []
     for gtype in types:
         for rows, cols in shapes:
             runs = ([0] if "matvec" in ops else []) + (ns if "matmul" in ops else [])
             for n in runs:
-                sec = time_kernel(gtype, rows, cols, n, threads, min_time)
+                sec = time_kernel(gtype, rows, cols, n, threads, min_time, cold=cold)
                 results.append({
                     "type": type_name(gtype), "op": "matvec" if n == 0 else f"matmul n={n}",
-                    "rows": rows, "cols": cols, "n": max(n, 1), "threads": threads, "seconds": sec,
+                    "rows": rows, "cols": cols, "n": max(n, 1), "threads": threads, "cold": cold, "seconds": sec,
                     "gflops": 2.0 * rows * cols * max(n, 1) / sec / 1e9,
                     "gbps": rows * row_nbytes(gtype, cols) / sec / 1e9,
                 })
@@ -136,6 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--shapes", default=",".join(f"{r}x{c}" for r, c in DEFAULT_SHAPES), help="ROWSxCOLS,...")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--min-time", type=float, default=0.2, help="seconds per timing")
+    p.add_argument("--cold", action="store_true", help="stream the weights from DRAM (decode-like)")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     args = p.parse_args(argv)
     types = [int(GGMLQuantizationType[name.strip().upper()]) for name in args.types.split(",")]
@@ -144,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"unsupported types: {', '.join(unsupported)}")
     shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")]
     results = run_benchmarks(types, args.ops.split(","), [int(v) for v in args.n.split(",")], shapes,
-                             args.threads, args.min_time)
+                             args.threads, args.min_time, args.cold)
     print(json.dumps(results, indent=1) if args.json else format_table(results))
 
 

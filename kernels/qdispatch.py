@@ -13,6 +13,7 @@ An unsupported code raises ``ValueError`` (check ``SUPPORTED_TYPES`` up front in
 """
 from __future__ import annotations
 
+import numpy as np
 from numba import njit
 
 from .quant_float import (
@@ -82,7 +83,7 @@ def row_nbytes(gtype: int, cols: int) -> int:
 
 
 @njit(nogil=True, cache=True)
-def matvec(w, gtype, cols, x, out, r0, r1):
+def matvec(w: np.ndarray, gtype: int, cols: int, x: np.ndarray, out: np.ndarray, r0: int, r1: int) -> None:
     """out[r] = W[r] . x for r in [r0, r1); ``w``: raw rows of ggml type ``gtype``."""
     if gtype == Q4_1:
         matvec_q4_1(w, cols, x, out, r0, r1)
@@ -113,7 +114,7 @@ def matvec(w, gtype, cols, x, out, r0, r1):
 
 
 @njit(nogil=True, cache=True)
-def matmul(w, gtype, cols, X, out, r0, r1):
+def matmul(w: np.ndarray, gtype: int, cols: int, X: np.ndarray, out: np.ndarray, r0: int, r1: int) -> None:
     """out[i, r] = W[r] . X[i] for every row i of X and r in [r0, r1) (type ``gtype``)."""
     if gtype == Q4_1:
         matmul_q4_1(w, cols, X, out, r0, r1)
@@ -144,7 +145,7 @@ def matmul(w, gtype, cols, X, out, r0, r1):
 
 
 @njit(nogil=True, cache=True)
-def dequantize_rows(w, gtype, cols, r0, r1, out):
+def dequantize_rows(w: np.ndarray, gtype: int, cols: int, r0: int, r1: int, out: np.ndarray) -> None:
     """out[r - r0] = W[r] as float32 for r in [r0, r1) (type ``gtype``)."""
     if gtype == Q4_1:
         dequantize_rows_q4_1(w, cols, r0, r1, out)

@@ -79,6 +79,12 @@ def dot_signed(q, y):
     return dot_s8s8(q, y)
 
 
+@njit(nogil=True, inline="always", cache=True)
+def _check_blocks(cols):
+    if cols % QK != 0:
+        raise ValueError("a row of a block format must hold a whole number of 32-weight blocks")
+
+
 @njit(nogil=True, cache=True)
 def quantize_activations(X, n, cols, xq, dx, xs):
     """Quantize ``n`` rows of ``cols`` floats (flat-indexed ``X``) to int8 ``xq`` (n * cols)
@@ -153,6 +159,7 @@ def _row1_tok4(block, dot, bpb, w, o, nb, xq, cols, t0, t1, t2, t3, dx, xs):
 @njit(nogil=True, inline="always", cache=True)
 def matvec_blocks(block, dot, bpb, w, cols, x, out, r0, r1):
     """out[r] = W[r] . x for r in [r0, r1), int8-activation path (``bpb``: bytes per block)."""
+    _check_blocks(cols)
     nb = cols // QK
     xq = np.empty(cols, np.int8)
     dx = np.empty(nb, np.float32)
@@ -183,6 +190,7 @@ def _matmul_int8(block, dot, bpb, w, cols, X, out, r0, r1):
 @njit(nogil=True, inline="always", cache=True)
 def matmul_blocks(block, decode_row, dot, bpb, w, cols, X, out, r0, r1):
     """out[t, r] = W[r] . X[t] for all tokens t and r in [r0, r1) (block formats)."""
+    _check_blocks(cols)
     if X.shape[0] <= INT8_MAX_TOKENS:
         _matmul_int8(block, dot, bpb, w, cols, X, out, r0, r1)
     else:
@@ -196,6 +204,7 @@ def matmul_blocks(block, decode_row, dot, bpb, w, cols, X, out, r0, r1):
 @njit(nogil=True, inline="always", cache=True)
 def decode_blocks(block, bpb, w, o, cols, dst, d0):
     """dst[d0:d0+cols] = the row of blocks at byte offset ``o``, as float32."""
+    _check_blocks(cols)
     for b in range(cols // QK):
         q, d, m = block(w, o + b * bpb)
         vstore_dequant(q, d, m, dst, d0 + b * QK)

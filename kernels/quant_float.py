@@ -5,7 +5,7 @@ The products are plain float32 FMA loops on f32x8 vectors (F16 through ``vcvtph2
 16-bit shift). A row's sum is always formed the same way -- one vector accumulator stepping
 through the columns 8 at a time, a fixed-order horizontal sum, then the scalar tail -- by the
 matvec below and by the prefill kernel (``quant_drivers.gemm_tiles``) alike, so ``matmul``
-equals ``matvec`` per token bit for bit.
+equals ``matvec`` per token bit for bit (no fastmath, as in ``quant_legacy``).
 
 Same contract as ``quant_legacy``: ``matvec_<t>``, ``matmul_<t>``, ``dequantize_rows_<t>``.
 """
@@ -137,54 +137,54 @@ def _row_bf16(w, o, cols, dst, d0):
 
 
 @njit(nogil=True, cache=True)
-def matvec_f32(w, cols, x, out, r0, r1):
+def matvec_f32(w: np.ndarray, cols: int, x: np.ndarray, out: np.ndarray, r0: int, r1: int) -> None:
     """out[r] = W[r] . x for r in [r0, r1) (F32 rows of ``cols`` weights)."""
     _matvec_float(_v_f32, _s_f32, F32_BYTES, w, cols, x, out, r0, r1)
 
 
 @njit(nogil=True, cache=True)
-def matmul_f32(w, cols, X, out, r0, r1):
+def matmul_f32(w: np.ndarray, cols: int, X: np.ndarray, out: np.ndarray, r0: int, r1: int) -> None:
     """out[i, r] = W[r] . X[i] for every token i and r in [r0, r1) (F32)."""
     gemm_tiles(_row_f32, cols * F32_BYTES, w, cols, X, out, r0, r1)
 
 
 @njit(nogil=True, cache=True)
-def dequantize_rows_f32(w, cols, r0, r1, out):
+def dequantize_rows_f32(w: np.ndarray, cols: int, r0: int, r1: int, out: np.ndarray) -> None:
     """out[r - r0] = W[r] for r in [r0, r1) (F32)."""
     dequantize_with(_row_f32, cols * F32_BYTES, w, cols, r0, r1, out)
 
 
 @njit(nogil=True, cache=True)
-def matvec_f16(w, cols, x, out, r0, r1):
+def matvec_f16(w: np.ndarray, cols: int, x: np.ndarray, out: np.ndarray, r0: int, r1: int) -> None:
     """out[r] = W[r] . x for r in [r0, r1) (F16 rows of ``cols`` weights)."""
     _matvec_float(_v_f16, _s_f16, F16_BYTES, w, cols, x, out, r0, r1)
 
 
 @njit(nogil=True, cache=True)
-def matmul_f16(w, cols, X, out, r0, r1):
+def matmul_f16(w: np.ndarray, cols: int, X: np.ndarray, out: np.ndarray, r0: int, r1: int) -> None:
     """out[i, r] = W[r] . X[i] for every token i and r in [r0, r1) (F16)."""
     gemm_tiles(_row_f16, cols * F16_BYTES, w, cols, X, out, r0, r1)
 
 
 @njit(nogil=True, cache=True)
-def dequantize_rows_f16(w, cols, r0, r1, out):
+def dequantize_rows_f16(w: np.ndarray, cols: int, r0: int, r1: int, out: np.ndarray) -> None:
     """out[r - r0] = W[r] as float32 for r in [r0, r1) (F16)."""
     dequantize_with(_row_f16, cols * F16_BYTES, w, cols, r0, r1, out)
 
 
 @njit(nogil=True, cache=True)
-def matvec_bf16(w, cols, x, out, r0, r1):
+def matvec_bf16(w: np.ndarray, cols: int, x: np.ndarray, out: np.ndarray, r0: int, r1: int) -> None:
     """out[r] = W[r] . x for r in [r0, r1) (BF16 rows of ``cols`` weights)."""
     _matvec_float(_v_bf16, _s_bf16, BF16_BYTES, w, cols, x, out, r0, r1)
 
 
 @njit(nogil=True, cache=True)
-def matmul_bf16(w, cols, X, out, r0, r1):
+def matmul_bf16(w: np.ndarray, cols: int, X: np.ndarray, out: np.ndarray, r0: int, r1: int) -> None:
     """out[i, r] = W[r] . X[i] for every token i and r in [r0, r1) (BF16)."""
     gemm_tiles(_row_bf16, cols * BF16_BYTES, w, cols, X, out, r0, r1)
 
 
 @njit(nogil=True, cache=True)
-def dequantize_rows_bf16(w, cols, r0, r1, out):
+def dequantize_rows_bf16(w: np.ndarray, cols: int, r0: int, r1: int, out: np.ndarray) -> None:
     """out[r - r0] = W[r] as float32 for r in [r0, r1) (BF16)."""
     dequantize_with(_row_bf16, cols * BF16_BYTES, w, cols, r0, r1, out)

@@ -4,52 +4,72 @@ A K-quant type is described by two functions on its super-block at byte ``o`` of
 
 * ``scales(b, o, sf, mf)``: per sub-block ``s`` of ``group`` weights, the float scale
   ``sf[s]`` and the additive term ``mf[s]`` (Q4_K's ``-dmin*m``, Q6_K's ``-32*sf[s]``);
-* ``values(b, o, c, p, load)``: the unsigned integer values of the weights ``32c + p``,
-  ``32c + p + 1``, ... one per byte of the uint32 it returns, reading the block's bytes with
-  ``load`` at offsets ``p`` of its 32-byte runs;
+* ``values(b, o, c, p, width)``: the unsigned integer values of the weights ``32c + p``, ...
+  ``32c + p + width - 1``, one per byte of the uint32 it returns, reading ``width`` (4 or 1)
+  bytes at offset ``p`` of the block's 32-byte runs (:func:`~.quant_k_simd.load_bytes`);
 
 so that weight ``i`` is ``sf[i // group] * value + mf[i // group]``. ggml packs the bit fields
 of weight ``32c + l`` at byte ``l`` of 32-byte runs in every K-quant layout, so ``values`` is
-SWAR code on bytes (shifts, masks such as 0x0F0F0F0F, ORs) that works the same whether
-``load`` reads 4 bytes (:func:`~.quant_k_simd.load_u32`) or one (``load_u8``).
+SWAR code on bytes (shifts, masks such as 0x0F0F0F0F, ORs) that works the same on 4 bytes
+as on one.
 
-The matrix-vector kernel reads words: for 8 consecutive words that is a vector load, a shift,
-an AND and an OR or two per 32 weights, and taking byte ``k`` out of the 8 words is one
-shift and one AND, all within 128-bit lanes. The weights come out in *word order* (byte
-``k`` of words 0..7, i.e. weights ``32c + 4m + k``); converting bytes in natural order
-instead needs a cross-lane ``vpmovzxbd`` per 8 weights, which on Zen 3 costs three times
-as much. Dequantization reads bytes, in natural order.
+The matrix-vector kernels read words: for 8 consecutive words that is a vector load, a
+shift, an AND and an OR or two per 32 weights, and taking byte ``k`` out of the 8 words is
+one shift and one AND, all within 128-bit lanes. The weights come out in *word order* (byte
+``k`` of words 0..7, i.e. weights ``32c + 4m + k``), so ``x`` is permuted to match once per
+call (:func:`permute32`); converting bytes in natural order instead needs a cross-lane
+``vpmovzxbd`` per 8 weights, which on Zen 3 costs three times as much. Dequantization reads
+single bytes, in natural order.
 
-* :func:`matvec_blocks` consumes the weights in that word order and permutes ``x`` once per
-  call to match (:func:`permute32`), FMAs them into 16 lane accumulators scaled per sub-block,
-  and reduces horizontally once per row. The ``mf`` terms cost one 8-lane FMA per 8
-  sub-blocks against precomputed sub-block sums of ``x``, not one add per weight.
-* :func:`matmul_blocks` dequantizes a tile of rows (RT rows x KC columns, 64 KiB, L2) to
-  float32, then runs a register-blocked FMA kernel (MR=4 rows x NT=3 tokens = 12 ymm
-  accumulators), so each weight is decoded once per tile for all ``n`` tokens.
+* :func:`dot_rows` (matrix-vector, and matrix-matrix for few tokens): per super-block, FMA
+  the converted words into 16 lane accumulators per token, scaled per sub-block, and reduce
+  horizontally once per row; up to 4 tokens share each decoded word. The ``mf`` terms cost
+  one 8-lane FMA per 8 sub-blocks against precomputed sub-block sums of ``x``.
+* :func:`matmul_blocks` from GEMM_MIN_TOKENS tokens: dequantize a tile of rows (RT rows x KC
+  columns, 64 KiB, L2) to float32, then run a register-blocked FMA kernel (MR=4 rows x NT=3
+  tokens = 12 ymm accumulators), so each weight is decoded once per tile for all tokens.
 * :func:`dequantize_blocks_rows`.
 
-The drivers are ``inline="always"``: each public kernel gets its own copy specialized on the
-literal block geometry and on ``scales``/``values``. (Passing a function to a compiled,
-non-inlined callee makes numba embed a pointer to the Python dispatcher, which defeats
-caching.) Every kernel computes rows [r0, r1) serially; callers split rows across threads.
+Numerics. Weights are ggml's (float32 scale times small integer, plus the additive term);
+products accumulate in float32. The dot products are compiled *without* fastmath, with
+explicit fused multiply-adds (:func:`~.quant_k_simd.fmaf`), and :func:`dot_rows` sums every
+(row, token) product in the same order whatever the number of tokens: below
+GEMM_MIN_TOKENS, ``matmul`` equals the per-token ``matvec`` bit for bit, so speculative
+verification sees exactly the logits of one-token decoding. (With fastmath, LLVM rounds the
+same code differently depending on the caller it is inlined into; that is also why the
+public kernels are not fastmath.) The GEMM path for larger batches (prefill) sums in tile
+order: same accuracy, different last bits.
+
+Generic code that receives ``scales``/``values`` is ``inline="always"``, so that each type's
+kernels get their own copy: passing a function to a compiled, non-inlined callee makes numba
+embed a pointer to the Python dispatcher, which defeats caching. Everything else is left to
+LLVM to inline (numba's own inlining re-types the inlined code and is slow to compile).
+LLVM vectorizes the loops noted below only in the exact shapes they have; several comments
+say why a shape was chosen. Every kernel computes rows [r0, r1) serially; callers split
+rows across threads. ``cols`` must be a multiple of 256 (the dispatcher checks).
 """
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from numba import njit, types
 
-from .quant_k_simd import bits, fma_f32x8, load_u8, load_u32, stack_array
+from .quant_k_simd import U8_ARRAYS, bits, fma_f32x8, fmaf, stack_array
 
 QK_K = 256  # weights per super-block
 RT = 16  # rows per dequantized tile of the matmul driver
 KC = 1024  # columns per tile chunk (multiple of QK_K): RT * KC * 4 bytes = 64 KiB
 MR = 4  # rows per register block of the FMA kernel
 NT = 3  # tokens per register block (MR * NT = 12 ymm accumulators after vectorization)
-GEMM_MIN_TOKENS = 8  # fewer tokens: multi-token matrix-vector kernel instead of dequantize + GEMM
+GEMM_MIN_TOKENS = 16  # fewer tokens: multi-token dot_rows (measured crossover)
+WORD, BYTE = 4, 1  # ``width`` of values()
+# Signatures of a type's ``scales`` and ``values``: declared, so that numba compiles each once
+# instead of once per combination of literal arguments (LLVM inlines them anyway).
+_F32 = types.Array(types.float32, 1, "C")
+SCALES_SIG = [types.void(u8, types.int64, _F32, _F32) for u8 in U8_ARRAYS]
+VALUES_SIG = [types.uint32(u8, types.int64, types.int64, types.int64, types.int64) for u8 in U8_ARRAYS]
 
 
-@njit(nogil=True, fastmath=True, cache=True)
+@njit(nogil=True, cache=True)
 def permute32(X):
     """Rows of X in word order: XP[i, 32c + 8k + m] = X[i, 32c + 4m + k] (see the module doc)."""
     n, cols = X.shape
@@ -62,21 +82,29 @@ def permute32(X):
     return XP
 
 
-@njit(nogil=True, fastmath=True, cache=True)
+@njit(nogil=True, cache=True)
 def group_sums(X, g):
-    """XS[i, j] = sum of X[i, g*j : g*(j+1)]."""
+    """XS[i, j] = sum of X[i, g*j : g*(j+1)] (g a multiple of 4), in a fixed order.
+
+    Not fastmath: a reassociated sum could come out differently depending on where LLVM
+    inlines this, and the kernels must give bit-identical results (see the module doc).
+    Four interleaved partial sums keep it off the add-latency bound.
+    """
     n, cols = X.shape
     XS = np.empty((n, cols // g), np.float32)
     for i in range(n):
         for j in range(cols // g):
-            t = np.float32(0.0)
-            for l in range(g):
-                t += X[i, g * j + l]
-            XS[i, j] = t
+            t0 = t1 = t2 = t3 = np.float32(0.0)
+            for l in range(0, g, 4):
+                t0 += X[i, g * j + l]
+                t1 += X[i, g * j + l + 1]
+                t2 += X[i, g * j + l + 2]
+                t3 += X[i, g * j + l + 3]
+            XS[i, j] = (t0 + t1) + (t2 + t3)
     return XS
 
 
-@njit(nogil=True, fastmath=True, inline="always", cache=True)
+@njit("UniTuple(float32, 2)(float32[::1], int64, int64)", nogil=True, cache=True)
 def _lane_scales(sf, c, group):
     """Scales of lanes m < 4 and m >= 4 of 32-weight run ``c`` (lane m holds weights 4m..4m+3)."""
     if group == 32:
@@ -84,54 +112,62 @@ def _lane_scales(sf, c, group):
     return sf[2 * c], sf[2 * c + 1]
 
 
-@njit(nogil=True, fastmath=True, inline="always", cache=True)
-def _word_dot(b, o, c, m, x, j, values):
-    """sum_k (weight 32c + 4m + k) * x[j + 8k]: word m of run c against x in word order.
+@njit("float32(uint32, float32[:, ::1], uint64, int64)", nogil=True, cache=True)
+def _word_dot(v, X, i, j):
+    """sum_k (byte k of v) * X[i, j + 8k]: one word against a token row in word order.
 
-    (Called once per token with the same word: LLVM merges the repeated decoding. Helpers in
-    the vectorized loop return scalars, never tuples, whose struct values stop LLVM from
-    vectorizing once several tokens are involved.)
+    Returns a scalar: helpers used in the vectorized loops never return tuples, whose struct
+    values stop LLVM from vectorizing once several tokens are involved.
     """
-    v = values(b, o, c, 4 * m, load_u32)
-    return (np.float32(bits(v, 0, 8)) * x[j] + np.float32(bits(v, 8, 8)) * x[j + 8]
-            + np.float32(bits(v, 16, 8)) * x[j + 16] + np.float32(bits(v, 24, 8)) * x[j + 24])
+    t = np.float32(bits(v, 0, 8)) * X[i, j]
+    t = fmaf(np.float32(bits(v, 8, 8)), X[i, j + 8], t)
+    t = fmaf(np.float32(bits(v, 16, 8)), X[i, j + 16], t)
+    return fmaf(np.float32(bits(v, 24, 8)), X[i, j + 24], t)
 
 
-@njit(nogil=True, fastmath=True, inline="always", cache=True)
-def _dot_two_runs(b, o, c, xs4, xo, sf, acc, group, values, ntok):
-    """acc[16t + 8h + m] += lane scale * (word m of run c + h) . x_t for h = 0, 1 and the
-    first ``ntok`` of the four token rows ``xs4`` (word order).
+@njit(nogil=True, inline="always", cache=True)
+def _dot_two_runs(b, o, c, XP, rows, xo, sf, acc, group, values, ntok):
+    """acc[16t + 8h + m] += lane scale * (word m of run c + h) . x_t for h = 0, 1 and tokens
+    t < ntok (rows ``rows[t]`` of XP, in word order).
 
-    Two runs go to separate accumulators with constant indices, so that LLVM keeps acc in
-    registers; the m loop is what LLVM vectorizes, 8 words per instruction. The tokens are
-    written out, not looped over: the m loop must be the innermost loop for LLVM to vectorize
-    it (``ntok`` is a literal, so the dead branches are pruned).
+    The words are decoded once for all tokens. Two runs go to separate accumulators with
+    constant indices, so that LLVM keeps acc in registers; the m loop is what LLVM vectorizes,
+    8 words per instruction. The tokens are written out, not looped over, because the m loop
+    must be the innermost loop for LLVM to vectorize it (``ntok`` is a literal, so the dead
+    branches are pruned).
     """
     sa0, sb0 = _lane_scales(sf, c, group)
     sa1, sb1 = _lane_scales(sf, c + 1, group)
     for m in range(8):
+        v0 = values(b, o, c, 4 * m, WORD)
+        v1 = values(b, o, c + 1, 4 * m, WORD)
         j = xo + 32 * c + m
         s0 = sa0 if m < 4 else sb0
         s1 = sa1 if m < 4 else sb1
-        acc[m] += s0 * _word_dot(b, o, c, m, xs4[0], j, values)
-        acc[8 + m] += s1 * _word_dot(b, o, c + 1, m, xs4[0], j + 32, values)
+        acc[m] = fmaf(s0, _word_dot(v0, XP, rows[0], j), acc[m])
+        acc[8 + m] = fmaf(s1, _word_dot(v1, XP, rows[0], j + 32), acc[8 + m])
         if ntok > 1:
-            acc[16 + m] += s0 * _word_dot(b, o, c, m, xs4[1], j, values)
-            acc[24 + m] += s1 * _word_dot(b, o, c + 1, m, xs4[1], j + 32, values)
+            acc[16 + m] = fmaf(s0, _word_dot(v0, XP, rows[1], j), acc[16 + m])
+            acc[24 + m] = fmaf(s1, _word_dot(v1, XP, rows[1], j + 32), acc[24 + m])
         if ntok > 2:
-            acc[32 + m] += s0 * _word_dot(b, o, c, m, xs4[2], j, values)
-            acc[40 + m] += s1 * _word_dot(b, o, c + 1, m, xs4[2], j + 32, values)
+            acc[32 + m] = fmaf(s0, _word_dot(v0, XP, rows[2], j), acc[32 + m])
+            acc[40 + m] = fmaf(s1, _word_dot(v1, XP, rows[2], j + 32), acc[40 + m])
         if ntok > 3:
-            acc[48 + m] += s0 * _word_dot(b, o, c, m, xs4[3], j, values)
-            acc[56 + m] += s1 * _word_dot(b, o, c + 1, m, xs4[3], j + 32, values)
+            acc[48 + m] = fmaf(s0, _word_dot(v0, XP, rows[3], j), acc[48 + m])
+            acc[56 + m] = fmaf(s1, _word_dot(v1, XP, rows[3], j + 32), acc[56 + m])
 
 
-@njit(nogil=True, fastmath=True, inline="always", cache=True)
-def _dot_rows(w, cols, XP, XS, i0, out, r0, r1, block_bytes, group, scales, values, ntok):
-    """out[i, r] = W[r, :] . X[i, :] for r in [r0, r1) and tokens i = min(i0 + t, n - 1),
-    t < ntok (a literal, at most 4): each block is decoded once for the ntok tokens.
+@njit(nogil=True, inline="always", cache=True)
+def dot_rows(w, cols, XP, XS, out, r0, r1, block_bytes, group, scales, values, ntok):
+    """out[t', r] = W[r, :] . X[t', :] for r in [r0, r1) and the first ``ntok`` tokens (a
+    literal, at most 4; t' = min(t, n - 1), so fewer tokens repeat the last one). Each block
+    is decoded once for all of them.
 
     XP: X in word order (:func:`permute32`), XS: its sub-block sums (:func:`group_sums`).
+    A type wraps this in a compiled function of its own, which matmul_blocks calls with the
+    token groups' slices: with XP arriving as an argument, LLVM knows it cannot alias the
+    stack accumulators; computed in the same function (a fresh allocation), it would want
+    runtime alias checks, which it does not do for loops as short as 8 iterations.
     """
     n = XP.shape[0]
     nb = cols // QK_K
@@ -141,14 +177,12 @@ def _dot_rows(w, cols, XP, XS, i0, out, r0, r1, block_bytes, group, scales, valu
     mf = stack_array(16, np.float32)
     acc = stack_array(64, np.float32)  # 16 lanes per token
     macc = stack_array(32, np.float32)  # 8 lanes per token, for the mf terms
-    # the token rows, fixed before the loops (clamped indices need wraparound checks that
-    # would otherwise sit inside the vectorized loop and stop LLVM from vectorizing it)
-    rows = (min(i0, n - 1), min(i0 + 1, n - 1), min(i0 + 2, n - 1), min(i0 + 3, n - 1))
-    xs4 = (XP[rows[0]], XP[rows[1]], XP[rows[2]], XP[rows[3]])
-    sums4 = (XS[rows[0]], XS[rows[1]], XS[rows[2]], XS[rows[3]])
+    # Token rows fixed before the loops, unsigned: a signed index gets numba's negative-index
+    # wraparound, which inside the vectorized loop would stop LLVM from vectorizing it.
+    rows = (np.uint64(0), np.uint64(min(1, n - 1)), np.uint64(min(2, n - 1)), np.uint64(min(3, n - 1)))
     for r in range(r0, r1):
-        # Index a per-row view with offsets built from loop counters only: LLVM can then prove
-        # them non-negative and drop numba's negative-index wraparound (which blocks vectorizing).
+        # A per-row view indexed with offsets built from loop counters only, which LLVM can
+        # prove non-negative (same reason).
         wr = w[r * row_bytes:(r + 1) * row_bytes]
         for l in range(16 * ntok):
             acc[l] = 0.0
@@ -159,12 +193,12 @@ def _dot_rows(w, cols, XP, XS, i0, out, r0, r1, block_bytes, group, scales, valu
             scales(wr, o, sf, mf)
             for t in range(ntok):
                 for h in range(ng // 8):
-                    fma_f32x8(macc[8 * t:8 * t + 8], mf, 8 * h, sums4[t], ng * b + 8 * h)
+                    fma_f32x8(macc[8 * t:8 * t + 8], mf, 8 * h, XS[rows[t]], ng * b + 8 * h)
             # literal run numbers: the bit positions inside the words become constants
-            _dot_two_runs(wr, o, 0, xs4, QK_K * b, sf, acc, group, values, ntok)
-            _dot_two_runs(wr, o, 2, xs4, QK_K * b, sf, acc, group, values, ntok)
-            _dot_two_runs(wr, o, 4, xs4, QK_K * b, sf, acc, group, values, ntok)
-            _dot_two_runs(wr, o, 6, xs4, QK_K * b, sf, acc, group, values, ntok)
+            _dot_two_runs(wr, o, 0, XP, rows, QK_K * b, sf, acc, group, values, ntok)
+            _dot_two_runs(wr, o, 2, XP, rows, QK_K * b, sf, acc, group, values, ntok)
+            _dot_two_runs(wr, o, 4, XP, rows, QK_K * b, sf, acc, group, values, ntok)
+            _dot_two_runs(wr, o, 6, XP, rows, QK_K * b, sf, acc, group, values, ntok)
         for t in range(ntok):
             total = np.float32(0.0)
             for l in range(16):
@@ -174,15 +208,14 @@ def _dot_rows(w, cols, XP, XS, i0, out, r0, r1, block_bytes, group, scales, valu
             out[rows[t], r] = total
 
 
-@njit(nogil=True, fastmath=True, inline="always", cache=True)
-def matvec_blocks(w, cols, x, out, r0, r1, block_bytes, group, scales, values):
-    """out[r] = W[r, :] . x for r in [r0, r1); see the module doc."""
+@njit(nogil=True, inline="always", cache=True)
+def matvec_blocks(w, cols, x, out, r0, r1, group, rows_kernel):
+    """out[r] = W[r, :] . x for r in [r0, r1), with the type's :func:`dot_rows` wrapper."""
     X = x.reshape((1, cols))
-    _dot_rows(w, cols, permute32(X), group_sums(X, group), 0, out.reshape((1, out.shape[0])),
-              r0, r1, block_bytes, group, scales, values, 1)
+    rows_kernel(w, cols, permute32(X), group_sums(X, group), out.reshape((1, out.shape[0])), r0, r1, 1)
 
 
-@njit(nogil=True, fastmath=True, inline="always", cache=True)
+@njit(nogil=True, inline="always", cache=True)
 def _dequant_block(b, o, y, group, scales, values, sf, mf):
     """y[:256] = the weights of the super-block at byte ``o`` of ``b``, in natural order."""
     scales(b, o, sf, mf)
@@ -193,7 +226,7 @@ def _dequant_block(b, o, y, group, scales, values, sf, mf):
         for i in range(16):
             for c in range(QK_K // 32):
                 s = (32 * c + 16 * h) // group
-                q = np.float32(values(b, o, c, 16 * h + i, load_u8))
+                q = np.float32(values(b, o, c, 16 * h + i, BYTE))
                 y[32 * c + 16 * h + i] = sf[s] * q + mf[s]
 
 
@@ -244,7 +277,7 @@ def _fma_tile(S, nr, kk, X, k0, out, t0, accumulate):
                 _store3(out, i0, t0 + r + 3, a30, a31, a32, n, accumulate)
 
 
-@njit(nogil=True, inline="always", cache=True)
+@njit(nogil=True, cache=True)
 def _store3(out, i0, c, v0, v1, v2, n, accumulate):
     """Write (or add) the results of tokens i0, i0+1, i0+2 that exist for output column c."""
     if accumulate:
@@ -261,14 +294,14 @@ def _store3(out, i0, c, v0, v1, v2, n, accumulate):
             out[i0 + 2, c] = v2
 
 
-@njit(nogil=True, fastmath=True, inline="always", cache=True)
-def matmul_blocks(w, cols, X, out, r0, r1, block_bytes, group, scales, values, matvec):
+@njit(nogil=True, inline="always", cache=True)
+def matmul_blocks(w, cols, X, out, r0, r1, block_bytes, group, scales, values, rows_kernel):
     """out[i, r] = W[r, :] . X[i, :] for every token i and r in [r0, r1).
 
-    Few tokens (speculative verification): decode each row once per group of 4 tokens and FMA
-    it against all of them (a group of 2-3 repeats its last token, a last single token goes
-    to ``matvec``). From GEMM_MIN_TOKENS tokens on, decoding a tile once for all tokens and
-    running the register-blocked float32 kernel wins.
+    Fewer than GEMM_MIN_TOKENS tokens (speculative verification): ``rows_kernel`` (the type's
+    :func:`dot_rows`) decodes each row once per group of 4 tokens (a group of 2-3 repeats its
+    last token; a last single token is done alone). More: dequantize tiles once for all
+    tokens and run the register-blocked float32 kernel.
     """
     n = X.shape[0]
     if r1 <= r0 or n == 0:
@@ -276,12 +309,11 @@ def matmul_blocks(w, cols, X, out, r0, r1, block_bytes, group, scales, values, m
     if n < GEMM_MIN_TOKENS:
         XP = permute32(X)
         XS = group_sums(X, group)
-        i0 = 0
-        while n - i0 >= 2:
-            _dot_rows(w, cols, XP, XS, i0, out, r0, r1, block_bytes, group, scales, values, 4)
-            i0 += 4
-        if i0 < n:
-            matvec(w, cols, X[i0], out[i0], r0, r1)
+        for i0 in range(0, n, 4):
+            if n - i0 == 1:
+                rows_kernel(w, cols, XP[i0:], XS[i0:], out[i0:], r0, r1, 1)
+            else:
+                rows_kernel(w, cols, XP[i0:], XS[i0:], out[i0:], r0, r1, 4)
         return
     row_bytes = cols // QK_K * block_bytes
     kc = min(cols, KC)
@@ -296,7 +328,7 @@ def matmul_blocks(w, cols, X, out, r0, r1, block_bytes, group, scales, values, m
             kk = min(kc, cols - k0)
             nbk = kk // QK_K
             for r in range(nr):
-                # a view per (row, chunk), indexed from loop counters only (see _dot_rows)
+                # a view per (row, chunk), indexed from loop counters only (see dot_rows)
                 o0 = (t0 + r) * row_bytes + k0 // QK_K * block_bytes
                 wr = w[o0:o0 + nbk * block_bytes]
                 for b in range(nbk):
@@ -305,7 +337,7 @@ def matmul_blocks(w, cols, X, out, r0, r1, block_bytes, group, scales, values, m
             _fma_tile(S, nr, kk, X, k0, out, t0, k0 > 0)
 
 
-@njit(nogil=True, fastmath=True, inline="always", cache=True)
+@njit(nogil=True, inline="always", cache=True)
 def dequantize_blocks_rows(w, cols, r0, r1, out, block_bytes, group, scales, values):
     """out[r - r0, :] = W[r, :] as float32 for r in [r0, r1)."""
     row_bytes = cols // QK_K * block_bytes

@@ -12,11 +12,12 @@ decide the speed of the kernels:
   byte offset of a ``uint8`` array (ggml blocks are 110, 144, 176 or 210 bytes long, so words
   are not aligned). Consecutive ``load_u32`` in a vectorized loop become one vector load.
   :func:`load_u8` reads one byte into the same uint32 type, so that SWAR code written for
-  4 bytes per word also works one byte at a time.
+  4 bytes per word also works one byte at a time (:func:`load_bytes` picks either).
 * :func:`bits`: ``(v >> shift) & mask`` in 32-bit arithmetic: vectorized, one ``vpsrld`` and
   one ``vpand`` per 8 words.
 * :func:`u8x8_to_f32` / :func:`i8x8_to_f32`: eight packed bytes -> eight scaled floats in one
-  go (the per-super-block scales); :func:`fma_f32x8`: an 8-lane multiply-add.
+  go (the per-super-block scales); :func:`fma_f32x8`: an 8-lane multiply-add; :func:`fmaf`:
+  a fused multiply-add that does not depend on fastmath.
 
 Offsets and sizes are trusted (no bounds checks), like everything inside the kernels.
 """
@@ -48,12 +49,22 @@ def _stack_ptr(typingctx, n, dtype):
 
 @njit(nogil=True, inline="always", cache=True)
 def stack_array(n, dtype):
-    """Uninitialized ``dtype[n]`` on the stack; ``n`` must be a literal."""
+    """Uninitialized ``dtype[n]`` on the stack; ``n`` must be a literal.
+
+    ``inline="always"`` is what makes this correct: the alloca must belong to the caller's
+    frame, not to a callee that returns (the array lives as long as the calling function).
+    """
     return carray(_stack_ptr(n, dtype), (n,))
 
 
+def _contiguous(t, dtype) -> bool:
+    """Whether numba type ``t`` is a C-contiguous array of ``dtype`` (the only kind whose
+    element addresses these intrinsics compute)."""
+    return isinstance(t, types.Array) and t.dtype == dtype and t.layout == "C"
+
+
 def _element_ptr(context, builder, arrty, arr, idx, irty):
-    """``&arr[idx]`` (contiguous array, no wraparound or bounds check) cast to ``irty*``."""
+    """``&arr[idx]`` (C-contiguous array, no wraparound or bounds check) cast to ``irty*``."""
     data = context.make_array(arrty)(context, builder, arr).data
     return builder.bitcast(builder.gep(data, [idx], inbounds=True), irty.as_pointer())
 
@@ -61,7 +72,7 @@ def _element_ptr(context, builder, arrty, arr, idx, irty):
 def _byte_load(nbty, irty, convert=None):
     @intrinsic
     def load(typingctx, arr, off):
-        if not (isinstance(arr, types.Array) and arr.dtype == types.uint8 and isinstance(off, types.Integer)):
+        if not (_contiguous(arr, types.uint8) and isinstance(off, types.Integer)):
             return None
 
         def codegen(context, builder, signature, args):
@@ -84,6 +95,19 @@ load_u8.__doc__ = "The byte at ``off`` of a uint8 array, zero-extended to uint32
 load_u32.__doc__ = "The little-endian uint32 at byte ``off`` of a uint8 array."
 load_u64.__doc__ = "The little-endian uint64 at byte ``off`` of a uint8 array."
 load_f16.__doc__ = "The little-endian IEEE half at byte ``off`` of a uint8 array, as float32."
+
+
+# Weight bytes arrive as a read-only view of the memory-mapped model or as a writable array
+# (tests): declared signatures list both, or numba would reject the one not listed.
+U8_ARRAYS = (types.Array(types.uint8, 1, "C", readonly=True), types.Array(types.uint8, 1, "C"))
+
+
+@njit([types.uint32(u8, types.int64, types.int64) for u8 in U8_ARRAYS], nogil=True, cache=True)
+def load_bytes(b, off, width):
+    """uint32 from ``width`` (4 or 1) bytes at ``b[off:]``: :func:`load_u32` or :func:`load_u8`."""
+    if width == 4:
+        return load_u32(b, off)
+    return load_u8(b, off)
 
 
 @intrinsic
@@ -109,7 +133,7 @@ def _splat(builder, x):
 def _bytes_to_f32x8(signed):
     @intrinsic
     def convert(typingctx, v, bias, scale, dst, pos):
-        if v != types.uint64 or not isinstance(dst, types.Array) or dst.dtype != types.float32:
+        if v != types.uint64 or not _contiguous(dst, types.float32):
             return None
         sig = types.void(types.uint64, types.float32, types.float32, dst, types.intp)
 
@@ -117,7 +141,8 @@ def _bytes_to_f32x8(signed):
             v8 = builder.bitcast(args[0], ir.VectorType(_I8, 8))
             f = builder.sitofp(v8, _F8) if signed else builder.uitofp(v8, _F8)
             f = builder.fmul(builder.fadd(f, _splat(builder, args[1])), _splat(builder, args[2]))
-            builder.store(f, _element_ptr(context, builder, signature.args[3], args[3], args[4], _F8), align=4)
+            ptr = _element_ptr(context, builder, signature.args[3], args[3], args[4], _F8)
+            builder.store(f, ptr, align=4)
             return context.get_dummy_value()
 
         return sig, codegen
@@ -131,10 +156,31 @@ u8x8_to_f32.__doc__ = "dst[pos:pos+8] = (float(byte i of v) + bias) * scale, byt
 i8x8_to_f32.__doc__ = "dst[pos:pos+8] = (float(byte i of v) + bias) * scale, bytes signed, little-endian."
 
 
+def _fma(builder, a, b, c):
+    """The fused multiply-add a * b + c (one rounding), scalar or vector."""
+    ty = a.type
+    suffix = f"v{ty.count}f32" if isinstance(ty, ir.VectorType) else "f32"
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ty, [ty, ty, ty]), f"llvm.fma.{suffix}")
+    return builder.call(fn, [a, b, c])
+
+
+@intrinsic
+def fmaf(typingctx, a, b, c):
+    """float32 ``a * b + c`` with a single rounding, also outside ``fastmath`` code.
+
+    The K-quant dot products are compiled without fastmath so that every kernel sums each
+    (row, token) product in the same order, bit for bit (see ``quant_k_base``); this keeps
+    their multiply-adds fused. In a vectorized loop it becomes ``vfmadd``.
+    """
+    if not all(t == types.float32 for t in (a, b, c)):
+        return None
+    return types.float32(a, b, c), lambda context, builder, signature, args: _fma(builder, *args)
+
+
 @intrinsic
 def fma_f32x8(typingctx, acc, a, ia, b, ib):
-    """acc[0:8] += a[ia:ia+8] * b[ib:ib+8] (float32 arrays) as one 8-lane operation."""
-    if not all(isinstance(t, types.Array) and t.dtype == types.float32 for t in (acc, a, b)):
+    """acc[0:8] = a[ia:ia+8] * b[ib:ib+8] + acc[0:8] (float32 arrays), fused, 8 lanes at once."""
+    if not all(_contiguous(t, types.float32) for t in (acc, a, b)):
         return None
     sig = types.void(acc, a, types.intp, b, types.intp)
 
@@ -143,8 +189,7 @@ def fma_f32x8(typingctx, acc, a, ia, b, ib):
         pacc = _element_ptr(context, builder, signature.args[0], args[0], zero, _F8)
         va = builder.load(_element_ptr(context, builder, signature.args[1], args[1], args[2], _F8), align=4)
         vb = builder.load(_element_ptr(context, builder, signature.args[3], args[3], args[4], _F8), align=4)
-        r = builder.fadd(builder.load(pacc, align=4), builder.fmul(va, vb, flags=("fast",)), flags=("fast",))
-        builder.store(r, pacc, align=4)
+        builder.store(_fma(builder, va, vb, builder.load(pacc, align=4)), pacc, align=4)
         return context.get_dummy_value()
 
     return sig, codegen

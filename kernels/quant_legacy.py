@@ -2,21 +2,30 @@
 
 Block layouts (ggml-common.h; every scale is a little-endian IEEE half):
 
-  Q4_0  18 B  d | qs[16]            w_j = d * (q_j - 8)
-  Q4_1  20 B  d | m | qs[16]        w_j = d * q_j + m
-  Q5_0  22 B  d | qh[4] | qs[16]    w_j = d * (q_j - 16)
-  Q5_1  24 B  d | m | qh[4] | qs[16]  w_j = d * q_j + m
-  Q8_0  34 B  d | qs[32] (int8)     w_j = d * q_j
+  Q4_0  18 B  d | qs[16]               w_j = d * (q_j - 8)
+  Q4_1  20 B  d | m | qs[16]           w_j = d * q_j + m
+  Q5_0  22 B  d | qh[4] | qs[16]       w_j = d * (q_j - 16)
+  Q5_1  24 B  d | m | qh[4] | qs[16]   w_j = d * q_j + m
+  Q8_0  34 B  d | qs[32] (int8)        w_j = d * q_j
 
 where byte j of ``qs`` holds q_j in its low nibble and q_{16+j} in its high nibble, and bit j of
 the little-endian uint32 ``qh`` is bit 4 of q_j. Each format is one ``_block_*`` decoder
 returning (q, d, m) with w = d * q + m; the row-range drivers in ``quant_drivers`` do the rest.
+
+Numerics (details in ``quant_drivers``): matvec and batches of up to ``INT8_MAX_TOKENS`` tokens
+quantize the activations to int8 per 32-block exactly like llama.cpp's ``quantize_row_q8_0``
+and use integer block dot products (2x faster); larger batches (prefill) decode the weights to
+float32 and accumulate in float32.
 
 For each type ``t`` (the kernel contract, rows [r0, r1) of a C-contiguous uint8 ``w``)::
 
     matvec_t(w, cols, x, out, r0, r1)          out[r] = W[r] . x
     matmul_t(w, cols, X, out, r0, r1)          out[i, r] = W[r] . X[i]
     dequantize_rows_t(w, cols, r0, r1, out)    out[r - r0] = W[r]
+
+The kernels are ``@njit(nogil=True, cache=True)`` *without* fastmath: their arithmetic is in
+explicit vector intrinsics, and strict IEEE scalar ops keep the results independent of the
+function LLVM inlines them into (see ``quant_drivers``).
 """
 from __future__ import annotations
 
@@ -101,90 +110,90 @@ def _row_q8_0(w, o, cols, dst, d0):
 
 
 @njit(nogil=True, cache=True)
-def matvec_q4_0(w, cols, x, out, r0, r1):
+def matvec_q4_0(w: np.ndarray, cols: int, x: np.ndarray, out: np.ndarray, r0: int, r1: int) -> None:
     """out[r] = W[r] . x for r in [r0, r1) (Q4_0 rows of ``cols`` weights)."""
     matvec_blocks(_block_q4_0, dot_unsigned, Q4_0_BYTES, w, cols, x, out, r0, r1)
 
 
 @njit(nogil=True, cache=True)
-def matmul_q4_0(w, cols, X, out, r0, r1):
+def matmul_q4_0(w: np.ndarray, cols: int, X: np.ndarray, out: np.ndarray, r0: int, r1: int) -> None:
     """out[i, r] = W[r] . X[i] for every token i and r in [r0, r1) (Q4_0)."""
     matmul_blocks(_block_q4_0, _row_q4_0, dot_unsigned, Q4_0_BYTES, w, cols, X, out, r0, r1)
 
 
 @njit(nogil=True, cache=True)
-def dequantize_rows_q4_0(w, cols, r0, r1, out):
+def dequantize_rows_q4_0(w: np.ndarray, cols: int, r0: int, r1: int, out: np.ndarray) -> None:
     """out[r - r0] = W[r] as float32 for r in [r0, r1) (Q4_0)."""
     dequantize_with(_row_q4_0, (cols // QK) * Q4_0_BYTES, w, cols, r0, r1, out)
 
 
 @njit(nogil=True, cache=True)
-def matvec_q4_1(w, cols, x, out, r0, r1):
+def matvec_q4_1(w: np.ndarray, cols: int, x: np.ndarray, out: np.ndarray, r0: int, r1: int) -> None:
     """out[r] = W[r] . x for r in [r0, r1) (Q4_1 rows of ``cols`` weights)."""
     matvec_blocks(_block_q4_1, dot_unsigned, Q4_1_BYTES, w, cols, x, out, r0, r1)
 
 
 @njit(nogil=True, cache=True)
-def matmul_q4_1(w, cols, X, out, r0, r1):
+def matmul_q4_1(w: np.ndarray, cols: int, X: np.ndarray, out: np.ndarray, r0: int, r1: int) -> None:
     """out[i, r] = W[r] . X[i] for every token i and r in [r0, r1) (Q4_1)."""
     matmul_blocks(_block_q4_1, _row_q4_1, dot_unsigned, Q4_1_BYTES, w, cols, X, out, r0, r1)
 
 
 @njit(nogil=True, cache=True)
-def dequantize_rows_q4_1(w, cols, r0, r1, out):
+def dequantize_rows_q4_1(w: np.ndarray, cols: int, r0: int, r1: int, out: np.ndarray) -> None:
     """out[r - r0] = W[r] as float32 for r in [r0, r1) (Q4_1)."""
     dequantize_with(_row_q4_1, (cols // QK) * Q4_1_BYTES, w, cols, r0, r1, out)
 
 
 @njit(nogil=True, cache=True)
-def matvec_q5_0(w, cols, x, out, r0, r1):
+def matvec_q5_0(w: np.ndarray, cols: int, x: np.ndarray, out: np.ndarray, r0: int, r1: int) -> None:
     """out[r] = W[r] . x for r in [r0, r1) (Q5_0 rows of ``cols`` weights)."""
     matvec_blocks(_block_q5_0, dot_unsigned, Q5_0_BYTES, w, cols, x, out, r0, r1)
 
 
 @njit(nogil=True, cache=True)
-def matmul_q5_0(w, cols, X, out, r0, r1):
+def matmul_q5_0(w: np.ndarray, cols: int, X: np.ndarray, out: np.ndarray, r0: int, r1: int) -> None:
     """out[i, r] = W[r] . X[i] for every token i and r in [r0, r1) (Q5_0)."""
     matmul_blocks(_block_q5_0, _row_q5_0, dot_unsigned, Q5_0_BYTES, w, cols, X, out, r0, r1)
 
 
 @njit(nogil=True, cache=True)
-def dequantize_rows_q5_0(w, cols, r0, r1, out):
+def dequantize_rows_q5_0(w: np.ndarray, cols: int, r0: int, r1: int, out: np.ndarray) -> None:
     """out[r - r0] = W[r] as float32 for r in [r0, r1) (Q5_0)."""
     dequantize_with(_row_q5_0, (cols // QK) * Q5_0_BYTES, w, cols, r0, r1, out)
 
 
 @njit(nogil=True, cache=True)
-def matvec_q5_1(w, cols, x, out, r0, r1):
+def matvec_q5_1(w: np.ndarray, cols: int, x: np.ndarray, out: np.ndarray, r0: int, r1: int) -> None:
     """out[r] = W[r] . x for r in [r0, r1) (Q5_1 rows of ``cols`` weights)."""
     matvec_blocks(_block_q5_1, dot_unsigned, Q5_1_BYTES, w, cols, x, out, r0, r1)
 
 
 @njit(nogil=True, cache=True)
-def matmul_q5_1(w, cols, X, out, r0, r1):
+def matmul_q5_1(w: np.ndarray, cols: int, X: np.ndarray, out: np.ndarray, r0: int, r1: int) -> None:
     """out[i, r] = W[r] . X[i] for every token i and r in [r0, r1) (Q5_1)."""
     matmul_blocks(_block_q5_1, _row_q5_1, dot_unsigned, Q5_1_BYTES, w, cols, X, out, r0, r1)
 
 
 @njit(nogil=True, cache=True)
-def dequantize_rows_q5_1(w, cols, r0, r1, out):
+def dequantize_rows_q5_1(w: np.ndarray, cols: int, r0: int, r1: int, out: np.ndarray) -> None:
     """out[r - r0] = W[r] as float32 for r in [r0, r1) (Q5_1)."""
     dequantize_with(_row_q5_1, (cols // QK) * Q5_1_BYTES, w, cols, r0, r1, out)
 
 
 @njit(nogil=True, cache=True)
-def matvec_q8_0(w, cols, x, out, r0, r1):
+def matvec_q8_0(w: np.ndarray, cols: int, x: np.ndarray, out: np.ndarray, r0: int, r1: int) -> None:
     """out[r] = W[r] . x for r in [r0, r1) (Q8_0 rows of ``cols`` weights)."""
     matvec_blocks(_block_q8_0, dot_signed, Q8_0_BYTES, w, cols, x, out, r0, r1)
 
 
 @njit(nogil=True, cache=True)
-def matmul_q8_0(w, cols, X, out, r0, r1):
+def matmul_q8_0(w: np.ndarray, cols: int, X: np.ndarray, out: np.ndarray, r0: int, r1: int) -> None:
     """out[i, r] = W[r] . X[i] for every token i and r in [r0, r1) (Q8_0)."""
     matmul_blocks(_block_q8_0, _row_q8_0, dot_signed, Q8_0_BYTES, w, cols, X, out, r0, r1)
 
 
 @njit(nogil=True, cache=True)
-def dequantize_rows_q8_0(w, cols, r0, r1, out):
+def dequantize_rows_q8_0(w: np.ndarray, cols: int, r0: int, r1: int, out: np.ndarray) -> None:
     """out[r - r0] = W[r] as float32 for r in [r0, r1) (Q8_0)."""
     dequantize_with(_row_q8_0, (cols // QK) * Q8_0_BYTES, w, cols, r0, r1, out)

@@ -9,6 +9,7 @@ from ..kernels.forward import (
     C_BIAS, C_DIM, C_HEAD_DIM, C_HEADS, C_HIDDEN, C_KV_HEADS, C_LAYERS, C_NEOX, C_ROPE_DIM, C_VOCAB,
     forward_worker,
 )
+from ..kernels.attention import QUERY_BLOCK
 from ..kernels.qdispatch import SUPPORTED_TYPES
 from ..kernels.threads import ThreadTeam
 from ..models.base import BIAS_SLOTS, ModelArgs, layer_tensor_name
@@ -132,7 +133,8 @@ class NumbaBackend:
                     np.zeros((n, a.kv_dim), f32), np.zeros((n, a.q_dim), f32),   # v, att
                     np.zeros((n, a.dim), f32),                                   # tmp
                     np.zeros((n, a.hidden_dim), f32), np.zeros((n, a.hidden_dim), f32),  # hb, hb2
-                    np.zeros((self.team.nthreads, n_ctx), f32))                  # scores
+                    np.zeros((self.team.nthreads, min(n, QUERY_BLOCK), n_ctx), f32),  # scores
+                    np.zeros((self.team.nthreads, a.head_dim), f32))              # row
             if n == 1:
                 self._buffers[key] = bufs
         return bufs

@@ -163,9 +163,13 @@ def test_generate_flushes_every_piece(tmp_path):
     (["generate", "--model", "{model}", "--ctx", "4", "a long prompt"], "context holds 4"),
     (["perplexity", "--model", "{model}", "--file", "{model}", "--ctx", "16"], "needs at least 32 tokens"),
     (["pull", "no-such-model"], "unknown model"),
+    (["chat", "--model", "{model}", "--top-p", "3"], "top_p must be in [0, 1]"),
+    (["generate", "--model", "{model}", "--max-tokens", "-2", "hi"], "--max-tokens must be >= 0"),
 ])
 def test_user_errors_print_one_line_and_fail(fake, capsys, argv, message):
     assert cli.main([a.format(model=fake["path"]) for a in argv]) == cli.EXIT_ERROR
+    if "--top-p" in argv or "--max-tokens" in argv:
+        assert fake["models"] == []  # refused before loading the model
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("edgelm: error:") and message in err[-1]
     assert not any(line.startswith("Traceback") for line in err)
@@ -381,6 +385,13 @@ def test_bench_worker_runs_llama_cpp(default_gguf, eval_text, tmp_path):
     assert result["engine"] == "llama.cpp" and result["decode_tokens"] == 8
     assert result["prefill_tok_s"] > 0 and result["decode_tok_s"] > 0
     assert 0 < result["startup_s"] < 60 and result["peak_rss_bytes"] > 50 * 2**20
+
+
+def test_bench_worker_failure_names_the_exception(eval_text, tmp_path):
+    pytest.importorskip("llama_cpp")
+    config = bench.BenchConfig(model=tmp_path / "missing.gguf", threads=1)
+    with pytest.raises(RuntimeError, match=r"^llama.cpp benchmark worker failed: ValueError: .*missing.gguf"):
+        bench.run_worker("llama.cpp", config, tmp_path)
 
 
 # ---------------------------------------------------------------- the real default model

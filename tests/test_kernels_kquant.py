@@ -102,6 +102,22 @@ def test_matmul(name, n, cols):
 
 
 @pytest.mark.parametrize("name", TYPES)
+def test_small_batches_equal_matvec_bitwise(name):
+    # batched speculative verification must reproduce one-token decoding exactly:
+    # 5 = a group of 4 + a single token, 7 = 4 + a group of 3 (its last token repeated)
+    rows, cols = 21, 512
+    w = random_blocks(name, rows, cols, seed=9).reshape(-1)
+    for n in (2, 5, 7):
+        X = np.random.default_rng(n).standard_normal((n, cols)).astype(np.float32)
+        batched = np.zeros((n, rows), np.float32)
+        kernel("matmul", name)(w, cols, X, batched, 0, rows)
+        single = np.zeros((n, rows), np.float32)
+        for i in range(n):
+            kernel("matvec", name)(w, cols, X[i], single[i], 0, rows)
+        np.testing.assert_array_equal(batched, single)
+
+
+@pytest.mark.parametrize("name", TYPES)
 def test_dequantize_rows(name):
     rows, cols = 7, 768
     w = random_blocks(name, rows, cols, seed=5)

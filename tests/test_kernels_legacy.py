@@ -276,3 +276,9 @@ def test_matvec_assembly_uses_avx2(t, rng):
         assert "vpmaddubsw" in asm and "vpinsrb" not in asm
     if t == "f16":
         assert "vcvtph2ps" in asm
+
+
+def test_partial_block_rows_are_rejected():
+    w, _ = make_weights("q4_0", 2, 64, np.random.default_rng(0))
+    with pytest.raises(ValueError):
+        quant_legacy.matvec_q4_0(w, 48, np.zeros(48, np.float32), np.zeros(2, np.float32), 0, 2)

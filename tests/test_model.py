@@ -41,14 +41,15 @@ def test_tiny_architectures_match_llama_cpp(name, tmp_path, tokenizer_meta, llam
     ref.close()
     ours = edgelm.load(str(path), threads=2, n_ctx=128)
     got = ours.logits(ids)
-    # Decoding one token at a time through the cache must give the same logits as one batch.
+    # Decoding one token at a time through the cache (matrix-vector kernels, int8 activations
+    # like llama.cpp's) must agree with the reference as well as the batched pass does.
     cache = ours.backend.new_cache(128)
     stepwise = np.stack([ours.backend.forward([t], cache)[0] for t in ids])
     ours.close()
     scale = np.abs(want).max()
-    assert np.abs(got - want).max() < 0.02 * scale, name
-    assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.95
-    np.testing.assert_allclose(stepwise, got, atol=1e-3 * scale)
+    for logits in (got, stepwise):
+        assert np.abs(logits - want).max() < 0.02 * scale, name
+        assert (logits.argmax(-1) == want.argmax(-1)).mean() >= 0.95
 
 
 def test_thread_counts_agree(default_gguf, model):
@@ -75,14 +76,32 @@ def test_sampling_is_reproducible_with_a_seed(model):
     assert a == b and a != c
 
 
-def test_prefix_reuse_gives_the_same_output(model):
-    prompt = "The three primary colors are"
-    first = "".join(model.generate(prompt, max_tokens=12, temperature=0.0))
-    again = "".join(model.generate(prompt + first, max_tokens=8, temperature=0.0))
-    assert model.last_stats.cached_tokens > 0
-    fresh = edgelm.load(str(model.path), threads=2, n_ctx=512)
-    assert again == "".join(fresh.generate(prompt + first, max_tokens=8, temperature=0.0))
-    fresh.close()
+def test_prefix_reuse_trims_to_the_common_prefix(model):
+    prompt = model.tokenize("The three primary colors are")
+    "".join(model.generate(prompt, max_tokens=12, temperature=0.0))
+    held = list(model._history)
+    assert model.cache.offset == len(held) and held[: len(prompt)] == prompt
+    "".join(model.generate(held[:-3] + model.tokenize(" and"), max_tokens=4, temperature=0.0))
+    assert model.last_stats.cached_tokens == len(held) - 3
+    assert model.cache.offset == len(model._history)
+
+
+def test_cache_continuation_matches_one_pass(model):
+    """Evaluating a prompt in pieces through the KV cache agrees with one pass over it.
+
+    Pieces of <= 8 tokens take the int8-activation kernels (like llama.cpp's), longer batches the
+    float path, so the agreement is to quantization noise rather than bit-exact.
+    """
+    ids = model.tokenize("Paris is the capital and most populous city of France, with an estimated population")
+    backend = model.backend
+    pieces = backend.new_cache(64)
+    for start in range(0, len(ids), 5):
+        last = backend.forward(ids[start:start + 5], pieces)[-1]
+    whole = backend.forward(ids, backend.new_cache(64))[-1]
+    assert pieces.offset == len(ids)
+    assert last.argmax() == whole.argmax()
+    scale = np.abs(whole).max()
+    assert np.abs(last - whole).max() < 0.05 * scale and np.abs(last - whole).mean() < 0.01 * scale
 
 
 def test_chat_session_reuses_the_kv_cache(model):

@@ -14,6 +14,13 @@ from edgelm.kernels.microbench import main as microbench_main
 from edgelm.kernels.microbench import random_weights, type_name
 
 TYPES = sorted(qdispatch.SUPPORTED_TYPES)
+
+
+def readonly_weights(gtype: int, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
+    """Random valid rows, read-only like the engine's memory-mapped GGUF (a distinct numba type)."""
+    w = random_weights(gtype, rows, cols, rng)
+    w.setflags(write=False)
+    return w
 MODULES = (quant_legacy, quant_float, quant_k)
 
 
@@ -53,7 +60,7 @@ def test_routes_to_the_types_kernels(gtype):
     """Dispatcher output is bit-identical to the type's kernel and close to gguf's dequantization."""
     rng = np.random.default_rng(gtype)
     rows, cols, r0, r1 = 12, 512, 1, 11
-    w = random_weights(gtype, rows, cols, rng)
+    w = readonly_weights(gtype, rows, cols, rng)
     Wd = quants.dequantize(w.reshape(rows, -1), GT(gtype)).astype(np.float64).reshape(rows, cols)
     x = rng.standard_normal(cols).astype(np.float32)
     X = rng.standard_normal((5, cols)).astype(np.float32)
@@ -83,12 +90,14 @@ def test_unsupported_type_raises():
 
 
 @njit(nogil=True)
-def _project_all(blob, table, x, out):
-    """Mimics the forward pass: weights as slices of one byte blob, described by an int64 table."""
+def _project_all(blob, table, X, n, out, outs):
+    """Mimics the forward pass: weights as slices of one byte blob, described by an int64 table;
+    matvec of X[0] into out[i], matmul of X[:n] into outs[i, :n]."""
     for i in range(table.shape[0]):
         off, nbytes, gtype, r0, r1, cols = table[i]  # (r0 from the table: a literal 0 would
         w = blob[off:off + nbytes]                   # make numba compile a second specialization)
-        qdispatch.matvec(w, gtype, cols, x, out[i], r0, r1)
+        qdispatch.matvec(w, gtype, cols, X[0], out[i], r0, r1)
+        qdispatch.matmul(w, gtype, cols, X[:n], outs[i, :n], r0, r1)
 
 
 def test_called_from_compiled_code_on_a_blob():
@@ -96,19 +105,25 @@ def test_called_from_compiled_code_on_a_blob():
     cols, rows = 256, 6
     parts, table, off = [], [], 0
     for gtype in TYPES:
-        w = random_weights(gtype, rows, cols, rng)
+        w = readonly_weights(gtype, rows, cols, rng)
         parts.append(w)
         table.append((off, w.size, gtype, 0, rows, cols))
         off += w.size
     blob = np.concatenate(parts)
-    x = rng.standard_normal(cols).astype(np.float32)
+    blob.setflags(write=False)
+    X = rng.standard_normal((8, cols)).astype(np.float32)
     out = np.zeros((len(TYPES), rows), np.float32)
-    _project_all(blob, np.array(table, np.int64), x, out)
+    outs = np.zeros((len(TYPES), 8, rows), np.float32)
+    _project_all(blob, np.array(table, np.int64), X, 3, out, outs)
     for i, gtype in enumerate(TYPES):
-        ref = np.zeros(rows, np.float32)
-        direct("matvec", gtype)(parts[i], cols, x, ref, 0, rows)
         Wd = quants.dequantize(parts[i].reshape(rows, -1), GT(gtype)).astype(np.float64).reshape(rows, cols)
-        assert_same(gtype, out[i], ref, np.abs(Wd) @ np.abs(x))
+        ref = np.zeros(rows, np.float32)
+        direct("matvec", gtype)(parts[i], cols, X[0], ref, 0, rows)
+        assert_same(gtype, out[i], ref, np.abs(Wd) @ np.abs(X[0]))
+        ref2 = np.zeros((3, rows), np.float32)
+        direct("matmul", gtype)(parts[i], cols, X[:3], ref2, 0, rows)
+        assert_same(gtype, outs[i, :3], ref2, np.abs(X[:3]) @ np.abs(Wd).T)
+        assert not outs[i, 3:].any()
 
 
 def test_default_model_types_supported(default_gguf):
@@ -117,7 +132,7 @@ def test_default_model_types_supported(default_gguf):
     assert matrices and all(int(t.tensor_type) in qdispatch.SUPPORTED_TYPES for t in matrices)
     t = next(t for t in matrices if t.name == "blk.0.attn_v.weight")
     rows, cols = int(t.shape[1]), int(t.shape[0])
-    w = np.array(t.data).reshape(-1)  # writable copy: the read-only case is in test_kernels_legacy
+    w = t.data.reshape(-1)  # read-only memmap, as the engine maps the file
     x = np.random.default_rng(0).standard_normal(cols).astype(np.float32)
     out, ref = np.zeros(rows, np.float32), np.zeros(rows, np.float32)
     qdispatch.matvec(w, int(t.tensor_type), cols, x, out, 0, rows)
