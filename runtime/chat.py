@@ -45,9 +45,13 @@ class ChatSession:
         Closing the generator early (Ctrl-C in the REPL) keeps the partial reply in the history.
         """
         self.messages.append({"role": "user", "content": user_text})
-        ids = self._prompt_ids()
+        try:
+            ids = self._prompt_ids()
+            stream = self.model.generate(ids, **sampling)
+        except Exception:  # e.g. ContextOverflowError: the turn never happened
+            self.messages.pop()
+            raise
         pieces: list[str] = []
-        stream = self.model.generate(ids, **sampling)
         try:
             for piece in stream:
                 pieces.append(piece)

@@ -125,6 +125,13 @@ def test_interrupted_reply_is_kept(model):
     assert session.messages[-1] == {"role": "assistant", "content": partial}
 
 
+def test_chat_turn_that_overflows_leaves_the_history_unchanged(model):
+    session = model.chat_session()
+    with pytest.raises(ContextOverflowError):
+        "".join(session.send("word " * 600, max_tokens=4))
+    assert session.messages == []
+
+
 def test_prompt_longer_than_context_is_a_clear_error(model):
     with pytest.raises(ContextOverflowError, match="512"):
         list(model.generate("word " * 600, max_tokens=4))
