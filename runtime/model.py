@@ -22,6 +22,7 @@ import psutil
 from ..models import ModelArgs, model_args
 from ..models.registry import resolve
 from .chat_template import ChatTemplate
+from .errors import ContextOverflowError
 from .generate import GenerationStats, generate_tokens
 from .gguf import GGUFFile
 from .numba_backend import NumbaBackend
@@ -78,11 +79,9 @@ class Model:
     def logits(self, ids: Sequence[int]) -> np.ndarray:
         """float32 logits ``[len(ids), n_vocab]`` of ``ids`` evaluated in a fresh context."""
         ids = list(ids)
-        cache = self.backend.new_cache(max(len(ids), 1))
         if len(ids) > self.n_ctx:
-            from .errors import ContextOverflowError
             raise ContextOverflowError(len(ids), self.n_ctx)
-        return self.backend.forward(ids, cache, logits_from=0)
+        return self.backend.forward(ids, self.backend.new_cache(max(len(ids), 1)), logits_from=0)
 
     # ---- generation ----
     def generate(self, prompt: str | Sequence[int], max_tokens: int = 256, temperature: float = 0.8,
@@ -113,7 +112,6 @@ class Model:
             raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
         params.validate()
         if len(ids) > self.n_ctx:
-            from .errors import ContextOverflowError
             raise ContextOverflowError(len(ids), self.n_ctx)
         return self._stream(ids, params, max_tokens, stop)
 
@@ -154,8 +152,6 @@ class Model:
         finally:
             tokens.close()
             stats.cpu_s = time.process_time() - cpu0
-            if max_tokens == 0:
-                stats.finish_reason = "length"
 
     # ---- resources ----
     def memory_stats(self) -> dict[str, int]:
