@@ -6,11 +6,27 @@ in place at ``offset`` -- ``reserve(n)`` checks room first, ``update(n)`` then a
 """
 from __future__ import annotations
 
+import mmap
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 
 from .errors import ContextOverflowError
+
+
+def lazy_zeros(shape: tuple[int, ...], dtype: np.dtype | type) -> np.ndarray:
+    """A zero-filled array on fresh anonymous pages, committed (and counted in RSS) only as they
+    are written.
+
+    ``np.zeros`` is not enough: once the process has freed a block this large, glibc raises its
+    mmap threshold and serves the next ``calloc`` from the heap, which it must memset -- every
+    page of a cache sized for the whole context would then be resident from the start.
+    """
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if nbytes == 0:
+        return np.zeros(shape, dtype)
+    return np.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype).reshape(shape)
 
 
 @runtime_checkable
@@ -37,15 +53,15 @@ class KVCache(Protocol):
 class F16KVCache:
     """Keys and values in IEEE half precision (as uint16 bit patterns for numba).
 
-    k, v: uint16 [n_layers, n_kv_heads, n_ctx, head_dim]. Allocated with ``np.zeros``, i.e.
-    calloc'd: pages are only committed (and counted in RSS) as tokens are written.
+    k, v: uint16 [n_layers, n_kv_heads, n_ctx, head_dim], on lazily committed pages
+    (:func:`lazy_zeros`): memory grows with the tokens written, not with ``n_ctx``.
     """
 
     def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, n_ctx: int):
         self.n_ctx = n_ctx
         shape = (n_layers, n_kv_heads, n_ctx, head_dim)
-        self.k = np.zeros(shape, dtype=np.uint16)
-        self.v = np.zeros(shape, dtype=np.uint16)
+        self.k = lazy_zeros(shape, np.uint16)
+        self.v = lazy_zeros(shape, np.uint16)
         self._bytes_per_token = 2 * 2 * n_layers * n_kv_heads * head_dim
         self._offset = 0
 

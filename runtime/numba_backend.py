@@ -28,7 +28,7 @@ _PROJECTIONS = (
     ("ffn_up", lambda a: (a.hidden_dim, a.dim)),
     ("ffn_down", lambda a: (a.dim, a.hidden_dim)),
 )
-MAX_BATCH = 512  # tokens per forward call; longer prompts are evaluated in chunks
+MAX_BATCH = 128  # tokens per forward call; longer prompts are evaluated in chunks
 
 
 def rope_tables(positions: np.ndarray, args: ModelArgs) -> tuple[np.ndarray, np.ndarray]:
