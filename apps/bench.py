@@ -47,6 +47,10 @@ class BenchConfig:
     prefill_tokens: int = 512
     decode_tokens: int = 128
     repeats: int = 3
+    kv_bits_k: int = 16  # edgelm's KV cache (llama.cpp keeps its default f16 cache)
+    kv_bits_v: int = 16
+    kv_window: int | None = None
+    n_sink: int = 4
 
 
 @dataclass(frozen=True)
@@ -89,7 +93,11 @@ def run_worker(engine: str, config: BenchConfig, numba_cache: Path, startup_only
     cmd = [sys.executable, "-m", "edgelm.apps.bench_worker", "--engine", engine,
            "--model", str(config.model), "--threads", str(config.threads), "--ctx", str(config.ctx),
            "--text-file", str(config.text_file), "--prefill-tokens", str(config.prefill_tokens),
-           "--decode-tokens", str(config.decode_tokens), "--repeats", str(config.repeats)]
+           "--decode-tokens", str(config.decode_tokens), "--repeats", str(config.repeats),
+           "--kv-bits-k", str(config.kv_bits_k), "--kv-bits-v", str(config.kv_bits_v),
+           "--n-sink", str(config.n_sink)]
+    if config.kv_window is not None:
+        cmd += ["--kv-window", str(config.kv_window)]
     if startup_only:
         cmd.append("--startup-only")
     env = {**os.environ, "NUMBA_CACHE_DIR": str(numba_cache)}
@@ -179,7 +187,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     config = BenchConfig(model=resolve(args.model), threads=args.threads or default_threads(),
                          ctx=args.ctx, text_file=args.text_file, prefill_tokens=args.prefill_tokens,
-                         decode_tokens=args.decode_tokens, repeats=args.repeats)
+                         decode_tokens=args.decode_tokens, repeats=args.repeats,
+                         kv_bits_k=args.kv_bits_k or args.kv_bits, kv_bits_v=args.kv_bits_v or args.kv_bits,
+                         kv_window=args.kv_window, n_sink=args.n_sink)
     report = run_bench(config, with_llama_cpp=not args.no_llama_cpp)
     if report["note"]:
         print(f"note: {report['note']}", file=sys.stderr)

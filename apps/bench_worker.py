@@ -23,7 +23,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
@@ -58,11 +58,11 @@ class EdgelmEngine:
 
     name = "edgelm"
 
-    def __init__(self, path: Path, threads: int, n_ctx: int):
+    def __init__(self, path: Path, threads: int, n_ctx: int, **kv: Any):
         import edgelm
 
         self.version = edgelm.__version__
-        self.model = edgelm.load(path, threads=threads, n_ctx=n_ctx)
+        self.model = edgelm.load(path, threads=threads, n_ctx=n_ctx, **kv)
 
     def tokenize(self, text: str) -> list[int]:
         return self.model.tokenize(text, add_bos=True)
@@ -80,8 +80,8 @@ class LlamaCppEngine:
 
     name = "llama.cpp"
 
-    def __init__(self, path: Path, threads: int, n_ctx: int):
-        import llama_cpp
+    def __init__(self, path: Path, threads: int, n_ctx: int, **kv: Any):
+        import llama_cpp  # its default f16 KV cache (the kv options are edgelm's)
 
         self.version = llama_cpp.__version__
         self._llama_cpp = llama_cpp
@@ -114,7 +114,7 @@ class LlamaCppEngine:
                          decode_steps=n_new - 1, decode_s=t_end - t_first, cpu_s=time.process_time() - cpu0)
 
 
-ENGINES: dict[str, Callable[[Path, int, int], Engine]] = {
+ENGINES: dict[str, Callable[..., Engine]] = {
     EdgelmEngine.name: EdgelmEngine,
     LlamaCppEngine.name: LlamaCppEngine,
 }
@@ -184,11 +184,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--launched-at", type=float, default=None,
                    help="time.time() of the parent just before it started this process")
     p.add_argument("--startup-only", action="store_true", help="measure start-up, then exit")
+    p.add_argument("--kv-bits-k", type=int, default=16)
+    p.add_argument("--kv-bits-v", type=int, default=16)
+    p.add_argument("--kv-window", type=int, default=None)
+    p.add_argument("--n-sink", type=int, default=4)
     args = p.parse_args(argv)
 
     text = args.text_file.read_text(encoding="utf-8")
     t_load = time.perf_counter()
-    engine = ENGINES[args.engine](args.model, args.threads, args.ctx)
+    kv = {"kv_bits_k": args.kv_bits_k, "kv_bits_v": args.kv_bits_v, "kv_window": args.kv_window,
+          "n_sink": args.n_sink}
+    engine = ENGINES[args.engine](args.model, args.threads, args.ctx, **kv)
     load_s = time.perf_counter() - t_load
     runs = prompts(engine, text, args.prefill_tokens, args.repeats)
     # Start-up ends with the first token of a short prompt: for edgelm that includes compiling

@@ -31,8 +31,11 @@ def format_generation_stats(stats: "GenerationStats") -> str:
 
 def format_memory_stats(mem: dict) -> str:
     """One line of ``Model.memory_stats()``."""
-    return (f"RSS {mem['rss_bytes'] / MIB:.1f} MiB, KV cache {mem['kv_bytes'] / MIB:.1f} MiB, "
-            f"weights {mem['weights_bytes'] / MIB:.1f} MiB, {mem['tokens']} of {mem['n_ctx']} tokens in context")
+    window = mem.get("kv_window")
+    room = f"window {window} + {mem['n_sink']} sinks" if window else f"context {mem['n_ctx']}"
+    return (f"RSS {mem['rss_bytes'] / MIB:.1f} MiB, weights {mem['weights_bytes'] / MIB:.1f} MiB, "
+            f"KV cache {mem['kv_bytes'] / MIB:.2f} MiB ({mem['kv_bits']}-bit): {mem['kv_tokens']} tokens held "
+            f"of {mem['tokens']} seen ({room}), {mem['kv_evicted']} evicted")
 
 
 def run_chat(model: "Model", system: str | None = None, sampling: dict[str, Any] | None = None,

@@ -18,7 +18,8 @@ import edgelm
 
 from ..models.registry import DEFAULT_MODEL, REGISTRY, pull, resolve
 from ..runtime.errors import EdgeLMError
-from ..runtime.perplexity import iter_perplexity
+from ..kernels.kvquant import KV_BITS
+from ..runtime.perplexity import combine_segments, iter_perplexity, iter_streaming_perplexity
 from ..runtime.sampling import SamplingParams
 from . import bench, chat
 
@@ -39,7 +40,21 @@ def model_arguments() -> argparse.ArgumentParser:
     p.add_argument("--model", "-m", default=DEFAULT_MODEL,
                    help=f"short name ({', '.join(sorted(REGISTRY))}) or GGUF path (default: %(default)s)")
     p.add_argument("--threads", "-t", type=int, default=None, help="compute threads (default: all cores)")
+    g = p.add_argument_group("KV cache")
+    g.add_argument("--kv-bits", type=int, choices=KV_BITS, default=16,
+                   help="bits of cached keys and values (default: %(default)s)")
+    g.add_argument("--kv-bits-k", type=int, choices=KV_BITS, help="bits of keys (default: --kv-bits)")
+    g.add_argument("--kv-bits-v", type=int, choices=KV_BITS, help="bits of values (default: --kv-bits)")
+    g.add_argument("--kv-window", type=int, default=None, metavar="N",
+                   help="StreamingLLM: keep the N most recent tokens plus the sinks, evict older ones")
+    g.add_argument("--n-sink", type=int, default=4, help="attention-sink tokens kept with --kv-window (default: %(default)s)")
     return p
+
+
+def kv_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The KV cache keywords of ``edgelm.load`` from the flags of :func:`model_arguments`."""
+    return {"kv_bits": args.kv_bits, "kv_bits_k": args.kv_bits_k, "kv_bits_v": args.kv_bits_v,
+            "kv_window": args.kv_window, "n_sink": args.n_sink}
 
 
 def sampling_arguments() -> argparse.ArgumentParser:
@@ -73,7 +88,7 @@ def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 def load_model(args: argparse.Namespace, n_ctx: int | None = None) -> "Model":
     """Resolve ``--model`` (pulling a known name on first use) and load it."""
     path = resolve(args.model)
-    return edgelm.load(path, threads=args.threads, n_ctx=n_ctx)
+    return edgelm.load(path, threads=args.threads, n_ctx=n_ctx, **kv_kwargs(args))
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
@@ -106,8 +121,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_perplexity(args: argparse.Namespace) -> int:
-    """``edgelm perplexity``: llama.cpp's chunked perplexity of a text file."""
+    """``edgelm perplexity``: llama.cpp's chunked perplexity of a text file (or --streaming)."""
     text = Path(args.file).read_text(encoding="utf-8")
+    if args.streaming:
+        return streaming_perplexity(args, text)
     model = load_model(args, n_ctx=args.ctx)
     tokens = model.tokenize(text, add_bos=True)
     bos_id = model_bos_id(model)
@@ -127,6 +144,39 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
     else:
         print(f"Final estimate: PPL = {result.ppl:.4f} +/- {result.ppl_err:.5f}")
         print(f"({result.tokens_scored} tokens scored in {result.seconds:.1f} s)", file=sys.stderr)
+    return 0
+
+
+def streaming_perplexity(args: argparse.Namespace, text: str) -> int:
+    """``edgelm perplexity --streaming``: one pass over the text (repeated up to --max-tokens)
+    through the model's KV cache, perplexity per --segment tokens."""
+    import psutil
+
+    model = load_model(args)
+    tokens = model.tokenize(text, add_bos=True)
+    if args.max_tokens:
+        body = tokens[1:] if tokens[:1] == model.tokenize("", add_bos=True) else tokens
+        while len(tokens) < args.max_tokens:
+            tokens = tokens + body
+        tokens = tokens[:args.max_tokens]
+    cache = model.backend.new_cache(len(tokens), model.kv)
+    process = psutil.Process()
+    progress = sys.stderr if args.json else sys.stdout
+    print(f"streaming perplexity: {len(tokens)} tokens, KV {model.kv}", file=sys.stderr)
+    segments = []
+    for seg in iter_streaming_perplexity(lambda ids: model.backend.forward(ids, cache, logits_from=0),
+                                         tokens, args.segment,
+                                         rss_fn=lambda: process.memory_info().rss / 2**20):
+        segments.append(seg)
+        progress.write(f"[{seg.start}] ppl {seg.ppl:.4f}, {seg.tok_s:.0f} tok/s, RSS {seg.rss_mb:.1f} MB\n")
+        progress.flush()
+    result = {"ppl": combine_segments(segments), "tokens": len(tokens), "evicted": cache.evicted,
+              "segments": [{"start": s.start, "ppl": s.ppl} for s in segments],
+              "rss_mb": [s.rss_mb for s in segments], "tok_s": [s.tok_s for s in segments]}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"Final estimate: PPL = {result['ppl']:.4f} over {len(tokens)} tokens, {cache.evicted} evicted")
     return 0
 
 
@@ -162,6 +212,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ctx", type=int, default=512, help="tokens per chunk (default: %(default)s)")
     p.add_argument("--chunks", type=int, default=-1, help="chunks to evaluate (default: all)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--streaming", action="store_true",
+                   help="one pass through the KV cache (use --kv-window) instead of chunks")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="--streaming: tokens to evaluate (the text is repeated to reach them)")
+    p.add_argument("--segment", type=int, default=10000, help="--streaming: tokens per reported segment")
     p.set_defaults(handler=cmd_perplexity)
 
     p = sub.add_parser("bench", parents=[common], help="speed and memory, side by side with llama.cpp")

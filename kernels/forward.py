@@ -20,7 +20,8 @@ import numpy as np
 from numba import njit
 
 from .attention import QUERY_BLOCK, attend_block
-from .lowlevel import f32_to_f16, spin_barrier
+from .kvquant import store_row
+from .lowlevel import spin_barrier
 from .qdispatch import dequantize_rows, matmul, matvec
 
 # Column layout of the int64 weight tables: one row per tensor.
@@ -29,6 +30,8 @@ W_OFFSET, W_NBYTES, W_TYPE, W_ROWS, W_COLS = 0, 1, 2, 3, 4
 S_Q, S_K, S_V, S_O, S_GATE, S_UP, S_DOWN = 0, 1, 2, 3, 4, 5, 6
 # Integer hyperparameters (icfg) -- see runtime/numba_backend.py, which fills them.
 C_DIM, C_LAYERS, C_HEADS, C_KV_HEADS, C_HEAD_DIM, C_HIDDEN, C_VOCAB, C_ROPE_DIM, C_NEOX, C_BIAS = range(10)
+# The KV cache's description of one pass (kvcfg) -- see runtime/kv_cache.py, which fills it.
+K_KBITS, K_VBITS, K_SINKS, K_WINDOW, K_SLOTS, K_SINK_QUERIES = range(6)
 
 
 @njit(nogil=True, inline="always", cache=True)
@@ -83,8 +86,8 @@ def _rope(vec, base, cos, sin, rope_dim, neox):
 @njit(nogil=True, fastmath=True, cache=True)
 def forward_worker(tid, nthr, sync,
                    blob, wtab, gtab, norms, bias, out_norm, icfg, eps,
-                   tokens, pos0, cos, sin, kcache, vcache,
-                   x, xb, q, k, v, att, tmp, hb, hb2, scores, row,
+                   tokens, pos0, cos, sin, cos_s, sin_s, kcache, vcache, kvcfg, slots, slot_pos,
+                   x, xb, q, qs, k, v, att, tmp, hb, hb2, scores, row,
                    logits_from, logits):
     """Thread ``tid`` of ``nthr``'s part of one forward pass over ``n = len(tokens)`` tokens.
 
@@ -93,11 +96,14 @@ def forward_worker(tid, nthr, sync,
     gtab:   int64  [2, 5]                 token_embd and output head
     norms:  f32    [n_layers, 2, dim]     attention and MLP RMSNorm weights
     bias:   f32    [n_layers, q_dim + 2 kv_dim]  Q/K/V biases (zeros when the model has none)
-    tokens: int64  [n]; positions are pos0 .. pos0 + n - 1
-    cos/sin: f32   [n, rope_dim // 2]     rotation of each token's position
-    kcache/vcache: uint16 (f16) [n_layers, n_kv_heads, n_ctx, head_dim]
+    tokens: int64  [n]; their counters (positions in the sequence) are pos0 .. pos0 + n - 1
+    cos/sin: f32   [n, rope_dim // 2]     rotation of each token's counter
+    cos_s/sin_s: f32 [n, rope_dim // 2]   rotation of each query for the attention sinks
+    kcache/vcache: uint8 [n_layers, n_kv_heads, slots, row bytes]  rows at kvcfg's bits
+    kvcfg:  int64  [6]                    kbits, vbits, n_sink, window, slots in use, sink queries?
+    slots:  int64  [n]                    cache slot of each token; slot_pos: int64 [slots] counters
     x, xb:  f32    [n, dim]               residual stream, normed copy
-    q:      f32    [n, q_dim];  k, v: f32 [n, kv_dim];  att: f32 [n, q_dim]
+    q, qs:  f32    [n, q_dim];  k, v: f32 [n, kv_dim];  att: f32 [n, q_dim]
     tmp:    f32    [n, dim];    hb, hb2: f32 [n, hidden]
     scores: f32    [nthr, QUERY_BLOCK, n_ctx]  per-thread attention scratch; row: f32 [nthr, head_dim]
     logits: f32    [n - logits_from, vocab]  written for tokens logits_from .. n-1
@@ -106,6 +112,8 @@ def forward_worker(tid, nthr, sync,
     dim, n_layers = icfg[C_DIM], icfg[C_LAYERS]
     n_heads, n_kv, hd = icfg[C_HEADS], icfg[C_KV_HEADS], icfg[C_HEAD_DIM]
     rope_dim, neox, has_bias = icfg[C_ROPE_DIM], icfg[C_NEOX] != 0, icfg[C_BIAS] != 0
+    kbits, vbits, n_sink, window = kvcfg[K_KBITS], kvcfg[K_VBITS], kvcfg[K_SINKS], kvcfg[K_WINDOW]
+    n_slots, sink_queries = kvcfg[K_SLOTS], kvcfg[K_SINK_QUERIES] != 0
     q_dim, kv_dim = n_heads * hd, n_kv * hd
     group = n_heads // n_kv
     n_blocks = (n + QUERY_BLOCK - 1) // QUERY_BLOCK
@@ -139,17 +147,20 @@ def forward_worker(tid, nthr, sync,
                     v[i, r] += b[q_dim + kv_dim + r]
         spin_barrier(sync, nthr)
 
-        # RoPE on this thread's (token, head) pairs; keys and values go into the cache as f16.
+        # RoPE on this thread's (token, head) pairs; keys and values go into their cache slots.
         a0, a1 = _share(n * n_kv, tid, nthr)
         for item in range(a0, a1):
             i, h = item // n_kv, item % n_kv
             _rope(k[i], h * hd, cos[i], sin[i], rope_dim, neox)
-            for j in range(hd):
-                kc[h, pos0 + i, j] = f32_to_f16(k[i, h * hd + j])
-                vc[h, pos0 + i, j] = f32_to_f16(v[i, h * hd + j])
+            store_row(kc[h, slots[i]], kbits, k[i], h * hd, hd)
+            store_row(vc[h, slots[i]], vbits, v[i], h * hd, hd)
         a0, a1 = _share(n * n_heads, tid, nthr)
         for item in range(a0, a1):
             i, h = item // n_heads, item % n_heads
+            if sink_queries:
+                for j in range(hd):
+                    qs[i, h * hd + j] = q[i, h * hd + j]
+                _rope(qs[i], h * hd, cos_s[i], sin_s[i], rope_dim, neox)
             _rope(q[i], h * hd, cos[i], sin[i], rope_dim, neox)
         spin_barrier(sync, nthr)
 
@@ -158,7 +169,8 @@ def forward_worker(tid, nthr, sync,
         for item in range(tid, n_blocks * n_heads, nthr):
             blk, h = item // n_heads, item % n_heads
             i0 = blk * QUERY_BLOCK
-            attend_block(q, att, i0, min(n, i0 + QUERY_BLOCK), h, hd, kc, vc, h // group, pos0,
+            attend_block(q, qs if sink_queries else q, att, i0, min(n, i0 + QUERY_BLOCK), h, hd,
+                         kc, vc, kbits, vbits, h // group, pos0, slot_pos, n_slots, n_sink, window,
                          scores[tid], row[tid])
         spin_barrier(sync, nthr)
 

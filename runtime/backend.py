@@ -11,15 +11,16 @@ from typing import Protocol, Sequence
 import numpy as np
 
 from ..models.base import ModelArgs
-from .kv_cache import KVCache
+from .kv_cache import KVCache, KVSpec
 
 
 class Backend(Protocol):
     name: str
     args: ModelArgs
 
-    def new_cache(self, n_ctx: int) -> KVCache:
-        """An empty KV cache with room for ``n_ctx`` tokens."""
+    def new_cache(self, n_ctx: int, spec: KVSpec = KVSpec()) -> KVCache:
+        """An empty KV cache of kind ``spec`` with room for ``n_ctx`` tokens (a streaming
+        ``spec`` never runs out of room)."""
         ...
 
     def forward(self, tokens: Sequence[int], cache: KVCache, logits_from: int | None = None) -> np.ndarray:

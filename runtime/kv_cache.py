@@ -1,17 +1,27 @@
-"""KV caches: the protocol every backend and cache kind implements, and the 16-bit cache.
+"""KV caches: the protocol every backend and cache kind implements, and the numba backend's cache.
 
-Like mlx-lm's cache objects they are small: storage, an ``offset`` (tokens held), ``trim`` to
-roll back (speculative decoding), ``nbytes``. The compiled forward pass writes keys and values
-in place at ``offset`` -- ``reserve(n)`` checks room first, ``update(n)`` then accounts for them.
+Like mlx-lm's cache objects they are small: storage, an ``offset`` (the position of the next
+token), ``trim`` to roll back (speculative decoding), ``nbytes``. The compiled forward pass
+writes keys and values in place -- ``reserve(n)`` finds room first (evicting if the cache
+streams), ``update(n)`` then accounts for the tokens written.
+
+One class covers every kind the issue asks for, because they compose: keys and values each at
+16, 8 or 4 bits (``kernels/kvquant``), and optionally StreamingLLM eviction: ``n_sink`` attention
+sinks kept forever plus a rolling ``window`` of the most recent tokens. How attention sees
+positions within the cache is explained in ``kernels/attention``.
 """
 from __future__ import annotations
 
 import mmap
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from ..kernels.kvquant import KV_BITS, row_bytes
 from .errors import ContextOverflowError
+
+UNBOUNDED = 2**62  # n_ctx / window of a cache that never runs out of positions
 
 
 def lazy_zeros(shape: tuple[int, ...], dtype: np.dtype | type) -> np.ndarray:
@@ -33,41 +43,105 @@ def lazy_zeros(shape: tuple[int, ...], dtype: np.dtype | type) -> np.ndarray:
 class KVCache(Protocol):
     """What the model code needs from a KV cache, whatever its storage."""
 
-    n_ctx: int
+    n_ctx: int  # positions the sequence may reach (UNBOUNDED when the cache streams)
 
     @property
-    def offset(self) -> int: ...  # tokens currently held (= position of the next token)
+    def offset(self) -> int: ...  # position of the next token (evicted tokens included)
+
+    @property
+    def held(self) -> int: ...  # tokens whose keys and values are in memory
+
+    @property
+    def evicted(self) -> int: ...  # tokens dropped by the rolling window so far
 
     @property
     def nbytes(self) -> int: ...  # bytes of the keys and values held
 
+    @property
+    def max_trim(self) -> int: ...  # how many of the last tokens trim() can roll back exactly
+
     def reserve(self, n: int) -> int: ...  # room for n more tokens? returns their first position
 
-    def update(self, n: int) -> None: ...  # the backend wrote n tokens at offset
+    def update(self, n: int) -> None: ...  # the backend wrote the n reserved tokens
 
     def trim(self, n: int) -> int: ...  # drop the last n tokens; returns how many were dropped
 
     def reset(self) -> None: ...
 
 
-class F16KVCache:
-    """Keys and values in IEEE half precision (as uint16 bit patterns for numba).
+@dataclass(frozen=True)
+class KVSpec:
+    """The kind of cache: bits of keys and values; a rolling window with sinks, or none."""
 
-    k, v: uint16 [n_layers, n_kv_heads, n_ctx, head_dim], on lazily committed pages
-    (:func:`lazy_zeros`): memory grows with the tokens written, not with ``n_ctx``.
+    bits_k: int = 16
+    bits_v: int = 16
+    window: int | None = None  # None: keep everything (the context length bounds the sequence)
+    n_sink: int = 4
+
+    def __post_init__(self) -> None:
+        for name, bits in (("kv_bits_k", self.bits_k), ("kv_bits_v", self.bits_v)):
+            if bits not in KV_BITS:
+                raise ValueError(f"{name} must be one of {KV_BITS}, got {bits!r}")
+        if self.window is not None and self.window < 1:
+            raise ValueError(f"kv_window must be a positive number of tokens, got {self.window}")
+        if self.n_sink < 0:
+            raise ValueError(f"n_sink must be >= 0, got {self.n_sink}")
+
+
+class SlotKVCache:
+    """Keys and values of every layer in slots of fixed-size rows (the numba backend's cache).
+
+    k, v: uint8 [n_layers, n_kv_heads, slots, row bytes] on lazily committed pages
+    (:func:`lazy_zeros`): memory grows with the tokens written, not with the slot count.
+    slot_pos: int64 [slots], the position of the token in each slot (-1: empty).
+
+    Without a window, the token at position p sits in slot p. With one, positions below
+    ``n_sink`` take slots 0 .. n_sink - 1 and the rest go round a ring of ``window + max_batch``
+    slots: a batch of up to ``max_batch`` tokens fits without evicting anything one of its
+    queries still sees, and ``trim`` can roll back that many tokens exactly (speculative
+    decoding gets the same output with and without eviction).
     """
 
-    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, n_ctx: int):
-        self.n_ctx = n_ctx
-        shape = (n_layers, n_kv_heads, n_ctx, head_dim)
-        self.k = lazy_zeros(shape, np.uint16)
-        self.v = lazy_zeros(shape, np.uint16)
-        self._bytes_per_token = 2 * 2 * n_layers * n_kv_heads * head_dim
+    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, n_ctx: int,
+                 spec: KVSpec = KVSpec(), max_batch: int = 128):
+        self.spec = spec
+        self.head_dim = head_dim
+        self.max_batch = max_batch
+        if spec.window is None:
+            self.n_ctx, self.n_sink, self.window = n_ctx, 0, UNBOUNDED
+            self._ring, slots = 0, n_ctx
+        else:
+            self.n_ctx, self.n_sink, self.window = UNBOUNDED, spec.n_sink, spec.window
+            self._ring = spec.window + max_batch
+            slots = spec.n_sink + self._ring
+        kb, vb = row_bytes(spec.bits_k, head_dim), row_bytes(spec.bits_v, head_dim)
+        self.k = lazy_zeros((n_layers, n_kv_heads, slots, kb), np.uint8)
+        self.v = lazy_zeros((n_layers, n_kv_heads, slots, vb), np.uint8)
+        self.slot_pos = np.full(slots, -1, dtype=np.int64)
+        self._bytes_per_token = n_layers * n_kv_heads * (kb + vb)
+        self._pending = np.zeros(0, dtype=np.int64)
+        self.reset()
+
+    # ---- state ----
+    def reset(self) -> None:
+        self.slot_pos[:] = -1
         self._offset = 0
+        self._evicted = 0
+        self._ring_first = 0  # ring index of the oldest window token held
+        self._ring_held = 0
+        self._high = 0  # slots [0, _high) may be in use: what attention scans
 
     @property
     def offset(self) -> int:
         return self._offset
+
+    @property
+    def held(self) -> int:
+        return self._offset - self._evicted
+
+    @property
+    def evicted(self) -> int:
+        return self._evicted
 
     @property
     def bytes_per_token(self) -> int:
@@ -75,21 +149,92 @@ class F16KVCache:
 
     @property
     def nbytes(self) -> int:
-        return self._offset * self._bytes_per_token
+        return self.held * self._bytes_per_token
+
+    @property
+    def slots(self) -> int:
+        return self.slot_pos.shape[0]
+
+    @property
+    def max_trim(self) -> int:
+        if self._evicted == 0:
+            return self._offset
+        # The next query must still see the window - 1 tokens before it.
+        return max(0, self._ring_held - (self.window - 1))
+
+    # ---- writing ----
+    def _slot(self, ring_index: int) -> int:
+        return self.n_sink + ring_index % self._ring
 
     def reserve(self, n: int) -> int:
-        if self._offset + n > self.n_ctx:
-            raise ContextOverflowError(self._offset + n, self.n_ctx)
-        return self._offset
+        """Assign slots to the next ``n`` tokens (evicting the oldest window tokens if needed);
+        returns the first one's position. The slots are in :attr:`pending_slots`."""
+        pos0 = self._offset
+        if self.spec.window is None:
+            if pos0 + n > self.n_ctx:
+                raise ContextOverflowError(pos0 + n, self.n_ctx)
+            self._pending = np.arange(pos0, pos0 + n, dtype=np.int64)
+            self.slot_pos[pos0:pos0 + n] = self._pending
+            self._high = max(self._high, pos0 + n)
+            return pos0
+        if n > self.max_batch:
+            raise ValueError(f"a streaming cache takes at most {self.max_batch} tokens at a time, got {n}")
+        pending = np.empty(n, dtype=np.int64)
+        for i in range(n):
+            pos = pos0 + i
+            if pos < self.n_sink:
+                slot = pos
+            else:
+                if self._ring_held == self._ring:  # evict the oldest window token
+                    self.slot_pos[self._slot(self._ring_first)] = -1
+                    self._ring_first += 1
+                    self._ring_held -= 1
+                    self._evicted += 1
+                slot = self._slot(self._ring_first + self._ring_held)
+                self._ring_held += 1
+            self.slot_pos[slot] = pos
+            pending[i] = slot
+            self._high = max(self._high, slot + 1)
+        self._pending = pending
+        return pos0
+
+    @property
+    def pending_slots(self) -> np.ndarray:
+        """int64 [n]: the slots :meth:`reserve` gave the tokens being written."""
+        return self._pending
+
+    def sink_positions(self, positions: np.ndarray) -> np.ndarray | None:
+        """Where queries at ``positions`` sit for the sink keys (their position within the
+        cache), or None when that is their own position for every query."""
+        if self.spec.window is None or self.n_sink == 0:
+            return None
+        last = self.n_sink + self.window - 1
+        if positions[-1] <= last:
+            return None
+        return np.minimum(positions, last)
+
+    def kvcfg(self, sink_queries: bool) -> np.ndarray:
+        """The int64 description the compiled forward pass reads (``kernels.forward.K_*``)."""
+        return np.array([self.spec.bits_k, self.spec.bits_v, self.n_sink, self.window, self._high,
+                         int(sink_queries)], dtype=np.int64)
 
     def update(self, n: int) -> None:
-        self.reserve(n)
+        if n != len(self._pending):
+            raise ValueError(f"update({n}) after reserving {len(self._pending)} tokens")
         self._offset += n
+        self._pending = self._pending[:0]
 
     def trim(self, n: int) -> int:
-        n = max(0, min(n, self._offset))
-        self._offset -= n
+        """Drop the last ``n`` tokens (at most :attr:`max_trim`); returns how many were dropped."""
+        n = max(0, min(n, self.max_trim))
+        for _ in range(n):
+            self._offset -= 1
+            pos = self._offset
+            if pos < self.n_sink or self.spec.window is None:
+                self.slot_pos[pos] = -1
+            else:
+                self._ring_held -= 1
+                self.slot_pos[self._slot(self._ring_first + self._ring_held)] = -1
+        if self.spec.window is None:
+            self._high = self._offset
         return n
-
-    def reset(self) -> None:
-        self._offset = 0

@@ -21,11 +21,13 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 import numpy as np
 import psutil
 
+from ..kernels.kvquant import row_bytes
 from ..models import ModelArgs, model_args
 from ..models.registry import resolve
 from .chat_template import ChatTemplate
 from .errors import ContextOverflowError
 from .generate import GenerationStats, generate_tokens
+from .kv_cache import KVSpec
 from .gguf import GGUFFile
 from .numba_backend import NumbaBackend
 from .sampling import Sampler, SamplingParams, StopMatcher
@@ -67,7 +69,8 @@ def _kernels_cached() -> bool:
 class Model:
     """A loaded model: tokenizer, chat template, backend and a generation KV cache."""
 
-    def __init__(self, path: Path, gguf: GGUFFile, args: ModelArgs, threads: int, n_ctx: int):
+    def __init__(self, path: Path, gguf: GGUFFile, args: ModelArgs, threads: int, n_ctx: int,
+                 kv: KVSpec = KVSpec()):
         self.path = path
         self.gguf = gguf
         self.args = args
@@ -75,12 +78,13 @@ class Model:
         self.name = str(gguf.metadata.get("general.name", path.stem))
         self.threads = threads
         self.n_ctx = n_ctx
+        self.kv = kv
         self.n_vocab = args.vocab_size
         self.tokenizer = Tokenizer.from_metadata(gguf.metadata)
         self.template = ChatTemplate.from_metadata(gguf.metadata, self.tokenizer)
         self.backend = NumbaBackend(gguf, args, threads)
-        self.cache = self.backend.new_cache(n_ctx)
-        self._history: list[int] = []  # the tokens self.cache holds, in order
+        self.cache = self.backend.new_cache(n_ctx, kv)
+        self._history: list[int] = []  # the tokens of the sequence self.cache holds, in order
         self.last_stats = GenerationStats()
 
     # ---- tokens ----
@@ -93,11 +97,12 @@ class Model:
         return self.tokenizer.decode(ids)
 
     def logits(self, ids: Sequence[int]) -> np.ndarray:
-        """float32 logits ``[len(ids), n_vocab]`` of ``ids`` evaluated in a fresh context."""
+        """float32 logits ``[len(ids), n_vocab]`` of ``ids`` evaluated in a fresh context (with
+        the model's KV cache kind: a streaming one evaluates any length)."""
         ids = list(ids)
-        if len(ids) > self.n_ctx:
+        if self.kv.window is None and len(ids) > self.n_ctx:
             raise ContextOverflowError(len(ids), self.n_ctx)
-        return self.backend.forward(ids, self.backend.new_cache(max(len(ids), 1)), logits_from=0)
+        return self.backend.forward(ids, self.backend.new_cache(max(len(ids), 1), self.kv), logits_from=0)
 
     # ---- generation ----
     def generate(self, prompt: str | Sequence[int], max_tokens: int = 256, temperature: float = 0.8,
@@ -127,7 +132,7 @@ class Model:
         if max_tokens < 0:
             raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
         params.validate()
-        if len(ids) > self.n_ctx:
+        if self.kv.window is None and len(ids) > self.n_ctx:
             raise ContextOverflowError(len(ids), self.n_ctx)
         return self._stream(ids, params, max_tokens, stop)
 
@@ -139,6 +144,9 @@ class Model:
                 break
             common += 1
         common = min(common, len(ids) - 1)  # evaluate at least one token to get logits
+        if len(self._history) - common > self.cache.max_trim:  # rolled out of a streaming window
+            common = 0
+            self.cache.reset()
         self.cache.trim(len(self._history) - common)
         del self._history[common:]
         return common
@@ -174,6 +182,11 @@ class Model:
         return {
             "rss_bytes": psutil.Process().memory_info().rss,
             "kv_bytes": self.cache.nbytes,
+            "kv_tokens": self.cache.held,
+            "kv_evicted": self.cache.evicted,
+            "kv_bits": f"{self.kv.bits_k}/{self.kv.bits_v}" if self.kv.bits_k != self.kv.bits_v else self.kv.bits_k,
+            "kv_window": self.kv.window,
+            "n_sink": self.kv.n_sink,
             "weights_bytes": self.backend.weights_nbytes,
             "n_ctx": self.n_ctx,
             "tokens": self.cache.offset,
@@ -183,12 +196,20 @@ class Model:
         self.backend.close()
 
     def __repr__(self) -> str:
-        return f"Model({self.name!r}, arch={self.arch}, threads={self.threads}, n_ctx={self.n_ctx})"
+        return f"Model({self.name!r}, arch={self.arch}, threads={self.threads}, n_ctx={self.n_ctx}, kv={self.kv})"
 
 
 def load(model: str | os.PathLike = "smollm2-135m-instruct", threads: int | None = None,
-         n_ctx: int | None = None) -> Model:
-    """Load a model by short name or GGUF path (pulling a known default on first use)."""
+         n_ctx: int | None = None, kv_bits: int = 16, kv_bits_k: int | None = None,
+         kv_bits_v: int | None = None, kv_window: int | None = None, n_sink: int = 4) -> Model:
+    """Load a model by short name or GGUF path (pulling a known default on first use).
+
+    ``kv_bits`` (16, 8 or 4) sets how keys and values are cached; ``kv_bits_k``/``kv_bits_v``
+    override it for one of them. ``kv_window=N`` turns on StreamingLLM eviction: ``n_sink`` first
+    tokens plus the ``N`` most recent are kept, and a conversation can go on past ``n_ctx``.
+    """
+    kv = KVSpec(bits_k=kv_bits if kv_bits_k is None else kv_bits_k,
+                bits_v=kv_bits if kv_bits_v is None else kv_bits_v, window=kv_window, n_sink=n_sink)
     path = resolve(model)
     gguf = GGUFFile(path)
     args = model_args(gguf.metadata, set(gguf.tensors), gguf.tensor)
@@ -198,7 +219,9 @@ def load(model: str | os.PathLike = "smollm2-135m-instruct", threads: int | None
         raise ValueError(f"n_ctx must be positive, got {n_ctx}")
     if not _kernels_cached():
         print("edgelm: compiling CPU kernels (first launch only, about a minute)...", file=sys.stderr, flush=True)
-    m = Model(path, gguf, args, threads, n_ctx)
+    if kv.bits_k != 16 or kv.bits_v != 16:
+        row_bytes(min(kv.bits_k, kv.bits_v), args.head_dim)  # a quantized cache needs head_dim % 32 == 0
+    m = Model(path, gguf, args, threads, n_ctx, kv)
     m.backend.forward([0], m.backend.new_cache(1))  # compile (or load from the disk cache) now, not mid-reply
     release_free_memory()
     return m

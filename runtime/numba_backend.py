@@ -15,7 +15,7 @@ from ..kernels.threads import ThreadTeam
 from ..models.base import BIAS_SLOTS, ModelArgs, layer_tensor_name
 from .errors import ContextOverflowError, ModelFormatError
 from .gguf import GGUFFile
-from .kv_cache import F16KVCache, KVCache
+from .kv_cache import KVCache, KVSpec, SlotKVCache
 from .quants import GGMLType
 
 # Projections in the order of kernels.forward's S_* slots, with (rows, cols) as functions of args.
@@ -118,22 +118,23 @@ class NumbaBackend:
         return sum(t.nbytes for t in self.gguf.tensors.values())
 
     # ---- evaluation ----
-    def new_cache(self, n_ctx: int) -> KVCache:
+    def new_cache(self, n_ctx: int, spec: KVSpec = KVSpec()) -> SlotKVCache:
         a = self.args
-        return F16KVCache(a.n_layers, a.n_kv_heads, a.head_dim, n_ctx)
+        return SlotKVCache(a.n_layers, a.n_kv_heads, a.head_dim, n_ctx, spec, max_batch=MAX_BATCH)
 
-    def _scratch(self, n: int, n_ctx: int) -> tuple[np.ndarray, ...]:
+    def _scratch(self, n: int, slots: int) -> tuple[np.ndarray, ...]:
         """Activation buffers for an n-token pass (cached for the decode shape n == 1)."""
-        key = (n, n_ctx)
+        key = (n, slots)
         bufs = self._buffers.get(key)
         if bufs is None:
             a, f32 = self.args, np.float32
             bufs = (np.zeros((n, a.dim), f32), np.zeros((n, a.dim), f32),        # x, xb
-                    np.zeros((n, a.q_dim), f32), np.zeros((n, a.kv_dim), f32),   # q, k
+                    np.zeros((n, a.q_dim), f32), np.zeros((n, a.q_dim), f32),    # q, qs
+                    np.zeros((n, a.kv_dim), f32),                                # k
                     np.zeros((n, a.kv_dim), f32), np.zeros((n, a.q_dim), f32),   # v, att
                     np.zeros((n, a.dim), f32),                                   # tmp
                     np.zeros((n, a.hidden_dim), f32), np.zeros((n, a.hidden_dim), f32),  # hb, hb2
-                    np.zeros((self.team.nthreads, min(n, QUERY_BLOCK), n_ctx), f32),  # scores
+                    np.zeros((self.team.nthreads, min(n, QUERY_BLOCK), slots), f32),  # scores
                     np.zeros((self.team.nthreads, a.head_dim), f32))              # row
             if n == 1:
                 self._buffers[key] = bufs
@@ -153,6 +154,8 @@ class NumbaBackend:
             raise ValueError(f"token id {bad} outside the vocabulary [0, {self.args.vocab_size})")
         if cache.offset + n > cache.n_ctx:
             raise ContextOverflowError(cache.offset + n, cache.n_ctx)
+        if not isinstance(cache, SlotKVCache):
+            raise TypeError(f"the numba backend needs its own cache (new_cache()), got {type(cache).__name__}")
         out = np.empty((n - logits_from, self.args.vocab_size), dtype=np.float32)
         for c0 in range(0, n, MAX_BATCH):
             c1 = min(n, c0 + MAX_BATCH)
@@ -161,13 +164,18 @@ class NumbaBackend:
             self._forward_chunk(toks[c0:c1], cache, lf, out[start - logits_from:end - logits_from])
         return out
 
-    def _forward_chunk(self, toks: np.ndarray, cache: F16KVCache, logits_from: int, logits: np.ndarray) -> None:
+    def _forward_chunk(self, toks: np.ndarray, cache: SlotKVCache, logits_from: int, logits: np.ndarray) -> None:
         n = len(toks)
         pos0 = cache.reserve(n)
-        cos, sin = rope_tables(np.arange(pos0, pos0 + n), self.args)
+        positions = np.arange(pos0, pos0 + n)
+        cos, sin = rope_tables(positions, self.args)
+        sink_pos = cache.sink_positions(positions)
+        cos_s, sin_s = (cos, sin) if sink_pos is None else rope_tables(sink_pos, self.args)
+        x, xb, q, qs, *rest = self._scratch(n, cache.slots)
         self.team.run(forward_worker, self._blob, self._wtab, self._gtab, self._norms, self._bias,
-                      self._out_norm, self._icfg, self._eps, toks, pos0, cos, sin, cache.k, cache.v,
-                      *self._scratch(n, cache.n_ctx), logits_from, logits)
+                      self._out_norm, self._icfg, self._eps, toks, pos0, cos, sin, cos_s, sin_s,
+                      cache.k, cache.v, cache.kvcfg(sink_pos is not None), cache.pending_slots,
+                      cache.slot_pos, x, xb, q, qs, *rest, logits_from, logits)
         cache.update(n)
 
     def close(self) -> None:

@@ -128,3 +128,61 @@ def _summarize(nll_sum: float, nll2_sum: float, count: int, chunks: int, n_ctx: 
     err = ppl * math.sqrt(max(variance, 0.0) / (count - 1))
     return PerplexityResult(ppl=ppl, ppl_err=err, chunks=chunks, ctx=n_ctx, tokens_scored=count,
                             seconds=seconds)
+
+
+# ---- streaming: one pass over a long text through a (rolling) KV cache ----
+
+FeedFn = Callable[[Sequence[int]], np.ndarray]
+
+
+@dataclass(frozen=True)
+class StreamingSegment:
+    """Perplexity of the tokens predicted in one segment of a streaming pass, and the resources
+    in use when it ended (RSS of the process, speed over the segment)."""
+
+    start: int  # index of the first token of the segment
+    tokens: int  # tokens predicted in it
+    ppl: float
+    tok_s: float
+    rss_mb: float
+
+
+def iter_streaming_perplexity(feed: FeedFn, tokens: Sequence[int], segment: int = 10000,
+                              batch: int = 128, rss_fn: Callable[[], float] | None = None
+                              ) -> Iterator[StreamingSegment]:
+    """Feed ``tokens`` in order, ``batch`` at a time, scoring every prediction (no chunking).
+
+    ``feed(ids)`` evaluates ``ids`` after everything fed before and returns their logits
+    ``[len(ids), vocab]``: the caller's cache decides what the model still sees (a rolling
+    window keeps memory flat). The logits of token i score token i + 1; a segment collects the
+    predictions of tokens ``start .. start + segment - 1``. ``rss_fn`` returns the RSS in MB.
+    """
+    if segment < 1 or batch < 1:
+        raise ValueError(f"segment and batch must be positive, got {segment} and {batch}")
+    tokens = np.asarray(tokens, dtype=np.int64)
+    if len(tokens) < 2:
+        raise ValueError(f"streaming perplexity needs at least 2 tokens, got {len(tokens)}")
+    seg_start, nll_sum, count = 0, 0.0, 0
+    t0 = time.perf_counter()
+    for b0 in range(0, len(tokens) - 1, batch):
+        b1 = min(b0 + batch, len(tokens) - 1)  # the last token is never fed: nothing to score
+        logits = feed(tokens[b0:b1].tolist())
+        i0 = b0
+        while i0 < b1:  # the batch's predictions, split at segment boundaries
+            i1 = min(b1, (i0 // segment + 1) * segment)
+            nll = token_nll(logits[i0 - b0:i1 - b0], tokens[i0 + 1:i1 + 1])
+            nll_sum += float(nll.sum())
+            count += len(nll)
+            if i1 % segment == 0 or i1 == len(tokens) - 1:
+                seconds = time.perf_counter() - t0
+                yield StreamingSegment(start=seg_start, tokens=count, ppl=math.exp(nll_sum / count),
+                                       tok_s=count / seconds if seconds > 0 else 0.0,
+                                       rss_mb=rss_fn() if rss_fn else 0.0)
+                seg_start, nll_sum, count, t0 = i1, 0.0, 0, time.perf_counter()
+            i0 = i1
+
+
+def combine_segments(segments: Sequence[StreamingSegment]) -> float:
+    """Perplexity over all segments (token-weighted mean of their NLLs)."""
+    total = sum(s.tokens for s in segments)
+    return math.exp(sum(s.tokens * math.log(s.ppl) for s in segments) / total)

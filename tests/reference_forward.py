@@ -71,3 +71,43 @@ class ReferenceLlama:
             x = x + (g / (1 + np.exp(-g)) * u) @ w[p + "ffn_down.weight"].T
         head_w = w.get("output.weight", w["token_embd.weight"])
         return self._rms(x, w["output_norm.weight"]) @ head_w.T
+
+
+def streaming_reference_logits(ref: ReferenceLlama, ids: list[int], window: int, n_sink: int) -> np.ndarray:
+    """float64 logits of ``ids`` fed one at a time through a StreamingLLM cache, by the paper.
+
+    The cache keeps the first ``n_sink`` tokens and the ``window`` most recent ones (the current
+    token included) as keys *before* RoPE; every step rotates them by their index in the cache,
+    and the query by its own index, so distances are positions within the cache.
+    """
+    w, hd = ref.w, ref.hd
+    keys: list[list[np.ndarray]] = [[] for _ in range(ref.n_layers)]    # [held][n_kv, hd] pre-RoPE
+    values: list[list[np.ndarray]] = [[] for _ in range(ref.n_layers)]
+    out = []
+    for tok in ids:
+        x = w["token_embd.weight"][tok][None]                         # [1, dim]
+        for layer in range(ref.n_layers):
+            p = f"blk.{layer}."
+            h = ref._rms(x, w[p + "attn_norm.weight"])
+            keys[layer].append((h @ w[p + "attn_k.weight"].T).reshape(ref.n_kv, hd))
+            values[layer].append((h @ w[p + "attn_v.weight"].T).reshape(ref.n_kv, hd))
+            if len(keys[layer]) > n_sink + window:                    # evict the oldest non-sink
+                del keys[layer][n_sink], values[layer][n_sink]
+            held = len(keys[layer])
+            k = ref._rope(np.stack(keys[layer]))                      # [held, n_kv, hd] at 0..held-1
+            v = np.stack(values[layer])
+            q = (h @ w[p + "attn_q.weight"].T).reshape(1, ref.n_heads, hd)
+            q = ref._rope(np.concatenate([np.zeros((held - 1, ref.n_heads, hd)), q]))[-1]  # at held-1
+            att = np.empty((ref.n_heads, hd))
+            for head in range(ref.n_heads):
+                kv = head // (ref.n_heads // ref.n_kv)
+                s = k[:, kv] @ q[head] / np.sqrt(hd)
+                s = np.exp(s - s.max())
+                att[head] = (s / s.sum()) @ v[:, kv]
+            x = x + att.reshape(1, ref.dim) @ w[p + "attn_output.weight"].T
+            h = ref._rms(x, w[p + "ffn_norm.weight"])
+            g, u = h @ w[p + "ffn_gate.weight"].T, h @ w[p + "ffn_up.weight"].T
+            x = x + (g / (1 + np.exp(-g)) * u) @ w[p + "ffn_down.weight"].T
+        head_w = w.get("output.weight", w["token_embd.weight"])
+        out.append((ref._rms(x, w["output_norm.weight"]) @ head_w.T)[0])
+    return np.stack(out)

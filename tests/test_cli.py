@@ -83,7 +83,8 @@ class FakeModel:
 
     def memory_stats(self) -> dict:
         return {"rss_bytes": 3 * 2**20, "kv_bytes": 2**20, "weights_bytes": 2**21,
-                "n_ctx": self.n_ctx, "tokens": self.tokens_in_context}
+                "n_ctx": self.n_ctx, "tokens": self.tokens_in_context, "kv_tokens": self.tokens_in_context,
+                "kv_evicted": 0, "kv_bits": 16, "kv_window": None, "n_sink": 4}
 
 
 class FakeSession:
@@ -112,7 +113,7 @@ class FakeSession:
 def fake_main(argv: list[str]) -> int:
     """``edgelm`` with edgelm.load returning a FakeModel (delay from $FAKE_DELAY)."""
     delay = float(os.environ.get("FAKE_DELAY", "0"))
-    edgelm.load = lambda path, threads=None, n_ctx=None: FakeModel(path, threads, n_ctx, delay=delay)
+    edgelm.load = lambda path, threads=None, n_ctx=None, **kv: FakeModel(path, threads, n_ctx, delay=delay)
     return cli.main(argv)
 
 
@@ -123,8 +124,9 @@ def fake(tmp_path, monkeypatch) -> dict:
     path.write_bytes(b"GGUF")
     made: list[FakeModel] = []
 
-    def load(model, threads=None, n_ctx=None, add_bos=False):
+    def load(model, threads=None, n_ctx=None, add_bos=False, **kv):
         made.append(FakeModel(model, threads, n_ctx))
+        made[-1].kv_options = kv
         return made[-1]
 
     monkeypatch.setattr(edgelm, "load", load)
@@ -201,7 +203,7 @@ def test_perplexity_of_uniform_model_is_vocab_size(fake, tmp_path, capsys):
 
 def test_perplexity_text_output_and_bos_chunks(fake, tmp_path, capsys, monkeypatch):
     made = []
-    monkeypatch.setattr(edgelm, "load", lambda m, threads=None, n_ctx=None: made.append(
+    monkeypatch.setattr(edgelm, "load", lambda m, threads=None, n_ctx=None, **kv: made.append(
         FakeModel(m, threads, n_ctx, add_bos=True)) or made[-1])
     text = tmp_path / "t.txt"
     text.write_text("abcdefgh" * 5)
@@ -230,10 +232,11 @@ def test_chat_over_a_pipe(fake):
     lines = out.splitlines()
     assert lines[0] == "echo: hello"
     assert lines[1].startswith("last reply: 11 prompt tokens, 11 generated;")
-    assert lines[2] == "memory: RSS 3.0 MiB, KV cache 1.0 MiB, weights 2.0 MiB, 16 of 4096 tokens in context"
+    assert lines[2] == ("memory: RSS 3.0 MiB, weights 2.0 MiB, KV cache 1.00 MiB (16-bit): "
+                        "16 tokens held of 16 seen (context 4096), 0 evicted")
     assert lines[3] == "(conversation cleared)"
     assert lines[4] == "no reply yet"
-    assert lines[5].endswith("0 of 4096 tokens in context")
+    assert "0 tokens held of 0 seen (context 4096)" in lines[5]
     assert lines[6].startswith("unknown command '/bogus'")
     assert lines[7:] == ["echo: again"]  # /quit: the last line is never read
 
@@ -405,7 +408,7 @@ def real_model(default_gguf):
 
 @pytest.fixture
 def use_real_model(real_model, monkeypatch):
-    monkeypatch.setattr(edgelm, "load", lambda model, threads=None, n_ctx=None: real_model)
+    monkeypatch.setattr(edgelm, "load", lambda model, threads=None, n_ctx=None, **kv: real_model)
     return real_model
 
 
@@ -466,7 +469,7 @@ def test_real_chat_ctrl_c_keeps_the_conversation(use_real_model):
 
 
 def _tokens_in_context(stats: str) -> int:
-    return int(re.findall(r"(\d+) of \d+ tokens in context", stats)[-1])
+    return int(re.findall(r"(\d+) tokens held of \d+ seen", stats)[-1])
 
 
 def test_real_perplexity_agrees_with_llama_cpp_logits(default_gguf, eval_text, use_real_model, capsys):
