@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .kvquant import load_row
+from .kvquant import hadamard_groups, load_row
 
 QUERY_BLOCK = 16  # queries per work item: scratch is QUERY_BLOCK x cache slots floats per thread
 _HIDDEN = np.float32(-1e30)  # score of a key a query may not see (finite: fastmath assumes no inf)
@@ -36,7 +36,8 @@ def attend_block(q, qs, att, i0, i1, h, hd, kc, vc, kbits, vbits, kvh, c0, slot_
 
     q, qs, att: f32 [n, q_dim]; query i has counter c0 + i; qs is q rotated for the sinks
                 (the same array as q when nothing has been evicted).
-    kc, vc: uint8 [n_kv_heads, slots, row bytes] of one layer, rows at kbits / vbits.
+    kc, vc: uint8 [n_kv_heads, slots, row bytes] of one layer, rows at kbits / vbits (quantized
+            rows hold Hadamard-rotated vectors, and so do q and qs then: see kvquant).
     slot_pos: int64 [slots] counter of the token in each slot (-1: empty); slots >= n_slots unused.
     S:      f32 [>= i1 - i0, >= n_slots] scratch (scores, then probabilities).
     row:    f32 [hd] scratch (one key or value row in f32).
@@ -94,3 +95,6 @@ def attend_block(q, qs, att, i0, i1, h, hd, kc, vc, kbits, vbits, kvh, c0, slot_
             ai = att[i, qb:qb + hd]
             for j in range(hd):
                 ai[j] += p * row[j]
+    if vbits != 16:  # quantized values are stored in the Hadamard basis: rotate the sum back
+        for i in range(i0, i1):
+            hadamard_groups(att[i], qb, hd)

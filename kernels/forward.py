@@ -20,7 +20,7 @@ import numpy as np
 from numba import njit
 
 from .attention import QUERY_BLOCK, attend_block
-from .kvquant import store_row
+from .kvquant import hadamard_groups, store_row
 from .lowlevel import spin_barrier
 from .qdispatch import dequantize_rows, matmul, matvec
 
@@ -152,6 +152,10 @@ def forward_worker(tid, nthr, sync,
         for item in range(a0, a1):
             i, h = item // n_kv, item % n_kv
             _rope(k[i], h * hd, cos[i], sin[i], rope_dim, neox)
+            if kbits != 16:  # quantized rows are stored in the Hadamard basis (kvquant)
+                hadamard_groups(k[i], h * hd, hd)
+            if vbits != 16:
+                hadamard_groups(v[i], h * hd, hd)
             store_row(kc[h, slots[i]], kbits, k[i], h * hd, hd)
             store_row(vc[h, slots[i]], vbits, v[i], h * hd, hd)
         a0, a1 = _share(n * n_heads, tid, nthr)
@@ -161,7 +165,11 @@ def forward_worker(tid, nthr, sync,
                 for j in range(hd):
                     qs[i, h * hd + j] = q[i, h * hd + j]
                 _rope(qs[i], h * hd, cos_s[i], sin_s[i], rope_dim, neox)
+                if kbits != 16:
+                    hadamard_groups(qs[i], h * hd, hd)
             _rope(q[i], h * hd, cos[i], sin[i], rope_dim, neox)
+            if kbits != 16:
+                hadamard_groups(q[i], h * hd, hd)
         spin_barrier(sync, nthr)
 
         # Attention: (query block, head) items dealt round-robin, since later blocks see more

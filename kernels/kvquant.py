@@ -117,3 +117,30 @@ def load_row(src, bits, out, head_dim):
             for l in range(half):
                 ys[l] = d * np.float32(qs[l] & np.uint8(0x0F)) + m
                 ys[l + half] = d * np.float32(qs[l] >> np.uint8(4)) + m
+
+
+@njit(nogil=True, fastmath=True, cache=True)
+def hadamard_groups(x, x0, head_dim):
+    """x[x0 : x0 + head_dim] <- H x, with H the orthonormal 32-point Walsh-Hadamard transform on
+    each group of 32 (H is symmetric and its own inverse).
+
+    Why: keys have outlier channels, and one outlier sets the scale of its whole group, leaving
+    the other 31 values a few levels (QuaRot, SpinQuant). Rotating keys *and* queries by the same
+    orthogonal H leaves every q.k unchanged but spreads each outlier over the group; rotating
+    values and, after attention, the output back does the same for values. Groups of 32 keep it
+    exact for any head_dim the quantized cache accepts, and each group keeps its own scale.
+    """
+    norm = np.float32(1.0 / np.sqrt(KV_GROUP))
+    for g in range(head_dim // KV_GROUP):
+        v = x[x0 + g * KV_GROUP: x0 + (g + 1) * KV_GROUP]
+        h = 1
+        while h < KV_GROUP:
+            for i in range(0, KV_GROUP, 2 * h):
+                for j in range(i, i + h):
+                    a = v[j]
+                    b = v[j + h]
+                    v[j] = a + b
+                    v[j + h] = a - b
+            h *= 2
+        for j in range(KV_GROUP):
+            v[j] *= norm
