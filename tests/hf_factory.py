@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "chat_template.jinja")
 SMOLLM2_PRE_TOKENIZER = {
     "type": "Sequence",
     "pretokenizers": [
