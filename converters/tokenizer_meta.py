@@ -185,6 +185,7 @@ def _spm(folder: Path, vocab_size: int, cfg: dict[str, Any]) -> dict[str, Any]:
         scores.append(float(sp.GetScore(i)))
         types.append(UNKNOWN if sp.IsUnknown(i) else CONTROL if sp.IsControl(i) else
                      UNUSED if sp.IsUnused(i) else BYTE if sp.IsByte(i) else NORMAL)
+    _apply_added_tokens(folder, tokens, types)
     index = {t: i for i, t in enumerate(tokens)}
     ids = _special_ids(folder, index, cfg)
     for key, tid in (("bos", sp.bos_id()), ("eos", sp.eos_id()), ("unknown", sp.unk_id())):
@@ -201,6 +202,28 @@ def _spm(folder: Path, vocab_size: int, cfg: dict[str, Any]) -> dict[str, Any]:
         **ids,
         **_add_flags(folder, None, index, ids),
     }
+
+
+def _apply_added_tokens(folder: Path, tokens: list[str], types: list[int]) -> None:
+    """Tokens added on top of a SentencePiece model (chat markers and the like), as llama.cpp does:
+    ``added_tokens.json`` (text -> id) and ``tokenizer_config.json``'s ``added_tokens_decoder``
+    (id -> {content, special}); special ones are CONTROL, the others USER_DEFINED."""
+    added: dict[int, tuple[str, bool]] = {}
+    path = folder / "added_tokens.json"
+    if path.exists():
+        for text, tid in _read_json(path).items():
+            added[int(tid)] = (str(text), True)
+    path = folder / "tokenizer_config.json"
+    decoder = _read_json(path).get("added_tokens_decoder", {}) if path.exists() else {}
+    for tid, info in decoder.items():
+        added[int(tid)] = (str(info["content"]), bool(info.get("special", False)))
+    for tid, (text, special) in sorted(added.items()):
+        if not 0 <= tid < len(tokens):
+            raise ConversionError(f"{folder}: added token {text!r} has id {tid} outside the vocab of {len(tokens)}")
+        if types[tid] in (UNKNOWN, CONTROL, BYTE) and tokens[tid] == text:
+            continue  # the model's own <unk>/<s>/</s>/<0x..> pieces keep their types
+        tokens[tid] = text
+        types[tid] = CONTROL if special else USER_DEFINED
 
 
 def tokenizer_metadata(folder: str | Path, vocab_size: int, config: dict[str, Any]) -> dict[str, Any]:

@@ -155,3 +155,21 @@ def test_peak_rss_of_a_conversion_is_under_1gb(smollm2_hf, tmp_path):
         print(f"peak RSS converting SmolLM2 {extra or ['--outtype', 'f16']}: {peak_mb:.0f} MB")
         assert peak_mb < 1024
         assert out.exists() and not list(tmp_path.glob("*.tmp-*"))
+
+
+def test_weights_are_laid_out_as_llama_cpp_writes_them(converted, default_gguf):
+    """Every tensor, Q/K permutation included, equals the original GGUF's up to bf16 rounding.
+
+    The fixture's safetensors hold the original Q4_1 weights dequantized (with transformers
+    undoing llama.cpp's Q/K permutation) and rounded to bf16; converting must redo exactly that
+    permutation.
+    """
+    from edgelm.runtime.quants import dequantize
+
+    ours, theirs = GGUFFile(converted[0]["f32"]), GGUFFile(default_gguf)
+    assert set(ours.tensors) == set(theirs.tensors)
+    for name, info in theirs.tensors.items():
+        want = dequantize(theirs.tensor_bytes(name), info.ggml_type, info.np_shape)
+        got = np.asarray(ours.tensor(name))
+        assert got.shape == want.shape, name
+        assert np.allclose(got, want, rtol=2 ** -8, atol=1e-30), name

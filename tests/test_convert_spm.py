@@ -37,7 +37,10 @@ def spm_checkpoint(tmp_path_factory, calib_text):
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1)
     (tok_dir / "tokenizer.model").write_bytes(model.getvalue())
     (tok_dir / "tokenizer_config.json").write_text(json.dumps(
-        {"add_bos_token": True, "add_eos_token": False, "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
+        {"add_bos_token": True, "add_eos_token": False, "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+         # Two chat markers added after the 1000 pieces, as chat fine-tunes of Llama 2 do.
+         "added_tokens_decoder": {"1000": {"content": "<|im_start|>", "special": True},
+                                  "1001": {"content": "<|im_end|>", "special": True}}}))
     folder = make_tiny(root / "ckpt", "llama", tok_dir, vocab_size=1003)
     out = root / "spm.gguf"
     convert(folder, out, outtype="f32")
@@ -49,7 +52,8 @@ def test_spm_metadata(spm_checkpoint):
     assert meta["tokenizer.ggml.model"] == "llama"
     assert len(meta["tokenizer.ggml.tokens"]) == 1003 and len(meta["tokenizer.ggml.scores"]) == 1003
     types = list(meta["tokenizer.ggml.token_type"])
-    assert types[:3] == [2, 3, 3] and types[3:259] == [6] * 256 and types[-3:] == [5, 5, 5]
+    assert types[:3] == [2, 3, 3] and types[3:259] == [6] * 256 and types[-3:] == [3, 3, 5]
+    assert meta["tokenizer.ggml.tokens"][1000:] == ["<|im_start|>", "<|im_end|>", "[PAD1002]"]
     assert meta["tokenizer.ggml.add_bos_token"] is True and meta["tokenizer.ggml.bos_token_id"] == 1
 
 
@@ -62,6 +66,10 @@ def test_spm_tokenizer_matches_sentencepiece_and_llama_cpp(spm_checkpoint, calib
         want = [1, *sp.encode(text)]
         assert model.tokenize(text, add_bos=True) == want, text[:60]
         assert ref.tokenize(text.encode(), add_bos=True, special=False) == want, text[:60]
+    chat = "<|im_start|>user\nhi<|im_end|>"
+    want = [1, 1000, *sp.encode("user\nhi"), 1001]
+    assert model.tokenize(chat, add_bos=True, special=True) == want
+    assert ref.tokenize(chat.encode(), add_bos=True, special=True) == want
     model.close()
     ref.close()
 
