@@ -1,7 +1,7 @@
 """NumPy quantizers for the ggml types ``--llama-cpp`` writes that runtime/quants.py cannot.
 
-They follow ggml's reference functions (``quantize_row_q4_K_ref``, ``quantize_row_q6_K_ref``,
-``quantize_row_q5_0_ref`` in ``ggml-quants.c``), which is what llama.cpp's own quantizer runs when
+They follow ggml's reference functions (``quantize_row_q3_K_ref``, ``quantize_row_q4_K_ref``,
+``quantize_row_q6_K_ref``, ``quantize_row_q5_0_ref`` in ``ggml-quants.c``), which is what llama.cpp's own quantizer runs when
 it has no importance matrix: the same searches (``make_qkx2_quants`` for Q4_K's scale and min
 per 32 weights, ``make_qx_quants`` for Q6_K's scale per 16), the same round-to-nearest-even
 (``nearest_int``), and the same float32 arithmetic, vectorized over all blocks at once instead of
@@ -190,6 +190,72 @@ def quantize_q6_k(x: np.ndarray) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------
+# Q3_K: 16 sub-blocks of 16 with a 6-bit signed scale each, f16 super-scale d.
+
+
+def _make_q3(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """``make_q3_quants`` with do_rmse: start from round-to-nearest, then up to 5 passes that
+    move one weight at a time to the level that lowers the weighted error (weights x**2)."""
+    idx = np.abs(x).argmax(axis=1)
+    xmax = np.take_along_axis(x, idx[:, None], axis=1)[:, 0]
+    zero = np.abs(xmax) < _GROUP_MAX_EPS
+    iscale = _F(-nmax) / np.where(zero, _F(1), xmax)
+    L = np.clip(_nearest_int(iscale[:, None] * x), -nmax, nmax - 1)
+    w = x * x
+    wx = w * x
+    lf = L.astype(_F)
+    sumlx, suml2 = _seq_sum(wx * lf), _seq_sum(w * lf * lf)
+    for _ in range(5):  # a pass that changes nothing changes nothing the next time either
+        for i in range(x.shape[1]):
+            li = L[:, i].astype(_F)
+            slx = sumlx - wx[:, i] * li
+            sl2 = suml2 - w[:, i] * li * li
+            with np.errstate(divide="ignore", invalid="ignore"):
+                new = np.clip(_nearest_int(np.where(slx > 0, x[:, i] * sl2 / slx, _F(0))), -nmax, nmax - 1)
+            nf = new.astype(_F)
+            slx2 = slx + wx[:, i] * nf
+            sl22 = sl2 + w[:, i] * nf * nf
+            take = (slx > 0) & (new != L[:, i]) & (sl22 > 0) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
+            L[:, i] = np.where(take, new, L[:, i])
+            sumlx = np.where(take, slx2, sumlx)
+            suml2 = np.where(take, sl22, suml2)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scale = np.where(suml2 > 0, sumlx / suml2, _F(0)).astype(_F)
+    scale = np.where(zero, _F(0), scale)
+    L = np.where(zero[:, None], 0, L + nmax)
+    return scale, L
+
+
+def quantize_q3_k(x: np.ndarray) -> np.ndarray:
+    """float32[n, 256] -> Q3_K blocks uint8[n, 110] (``quantize_row_q3_K_ref``)."""
+    n = x.shape[0]
+    scales, L = _make_q3(x.reshape(n * 16, 16), 4)
+    scales, L = scales.reshape(n, 16), L.reshape(n, 16, 16)
+    idx = np.abs(scales).argmax(axis=1)
+    max_scale = np.take_along_axis(scales, idx[:, None], axis=1)[:, 0]
+    has = max_scale != 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iscale = np.where(has, _F(-32) / max_scale, _F(0)).astype(_F)
+        d = np.where(has, _F(1) / iscale, _F(0)).astype(_F)
+    ls = (np.clip(_nearest_int(iscale[:, None] * scales), -32, 31) + 32).astype(np.uint8)
+    ls = np.where(has[:, None], ls, 0).astype(np.uint8)
+    packed = np.zeros((n, 12), np.uint8)
+    packed[:, :8] = (ls[:, :8] & 0xF) | ((ls[:, 8:] & 0xF) << 4)
+    hi = (ls >> 4).reshape(n, 4, 4)  # scale j = 4*g + k keeps its top bits in byte 8 + k at bit 2g
+    packed[:, 8:] = hi[:, 0] | (hi[:, 1] << 2) | (hi[:, 2] << 4) | (hi[:, 3] << 6)
+    dl = _f16_round(d)[:, None] * (ls.astype(np.int16) - 32).astype(_F)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lq = np.clip(_nearest_int(x.reshape(n, 16, 16) / dl[:, :, None]), -4, 3) + 4
+    L = np.where((dl != 0)[:, :, None], lq, L).astype(np.uint8).reshape(n, 256)
+    high = L > 3
+    L = np.where(high, L - 4, L)
+    hmask = np.packbits(high.reshape(n, 8, 32), axis=1, bitorder="little").reshape(n, 32)
+    q = L.reshape(n, 2, 4, 32)
+    qs = (q[:, :, 0] | (q[:, :, 1] << 2) | (q[:, :, 2] << 4) | (q[:, :, 3] << 6)).reshape(n, 64)
+    return np.concatenate([hmask, qs, packed, _f16_bytes(d)], axis=1)
+
+
+# --------------------------------------------------------------------------------------------
 # Q5_0: llama.cpp's fallback for Q4_K when a row is not a multiple of 256.
 
 
@@ -208,8 +274,8 @@ def quantize_q5_0(x: np.ndarray) -> np.ndarray:
     return np.concatenate([_f16_bytes(d), qh, qs], axis=1)
 
 
-_K_QUANTIZERS = {GGMLType.Q4_K: quantize_q4_k, GGMLType.Q6_K: quantize_q6_k, GGMLType.Q5_0: quantize_q5_0}
-_BLOCK = {GGMLType.Q4_K: QK_K, GGMLType.Q6_K: QK_K, GGMLType.Q5_0: 32}
+_K_QUANTIZERS = {GGMLType.Q3_K: quantize_q3_k, GGMLType.Q4_K: quantize_q4_k, GGMLType.Q6_K: quantize_q6_k, GGMLType.Q5_0: quantize_q5_0}
+_BLOCK = {GGMLType.Q3_K: QK_K, GGMLType.Q4_K: QK_K, GGMLType.Q6_K: QK_K, GGMLType.Q5_0: 32}
 
 
 def quantize_rows(x: np.ndarray, gtype: GGMLType) -> np.ndarray:
