@@ -169,7 +169,8 @@ def convert(folder: str | os.PathLike[str], out: str | os.PathLike[str], outtype
         extra = rope_freqs(cfg)
 
         writer = GGUFWriter(None, cfg.gguf_architecture)
-        writer.add_name(str(cfg.name or folder.name))
+        # config.json's _name_or_path is a hub id or a local path: its last part names the model.
+        writer.add_name(Path(str(cfg.name)).name if cfg.name else folder.resolve().name)
         writer.add_type("model")
         writer.add_file_type(FILE_TYPES["llama-cpp" if llama_cpp else outtype])
         writer.add_quantization_version(2)
