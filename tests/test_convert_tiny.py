@@ -110,3 +110,31 @@ def test_tiny_llama_cpp_file_loads_in_llama_cpp(name, tiny, tmp_path, llama_cpp)
     assert (a.argmax(-1) == b.argmax(-1)).mean() >= 0.8
     model.close()
     ref.close()
+
+
+def test_bf16_is_exact_and_q8_0_is_close(tiny, tmp_path):
+    from edgelm.runtime.quants import dequantize
+
+    folder = tiny("mistral-gqa4-sharded")
+    files = {}
+    for outtype in ("f32", "bf16", "q8_0"):
+        files[outtype] = GGUFFile(convert(folder, tmp_path / f"{outtype}.gguf", outtype=outtype).path)
+    ref = files["f32"]
+    for name, info in ref.tensors.items():
+        want = np.asarray(ref.tensor(name))
+        for outtype in ("bf16", "q8_0"):
+            t = files[outtype].tensors[name]
+            got = dequantize(files[outtype].tensor_bytes(name), t.ggml_type, t.np_shape)
+            if want.ndim == 1:
+                assert t.ggml_type.name == "F32"
+            elif outtype == "bf16":
+                assert t.ggml_type.name == "BF16" and np.array_equal(got, want), name  # bf16 source: no rounding
+            else:
+                assert t.ggml_type.name == "Q8_0", name
+                assert np.abs(got - want).max() <= np.abs(want).max() / 127, name
+    model = edgelm.load(str(files["bf16"].path), threads=2, n_ctx=64)
+    same = edgelm.load(str(ref.path), threads=2, n_ctx=64)
+    ids = [1, 2, 3, 400, 5000, 49000]
+    assert np.allclose(model.logits(ids), same.logits(ids), atol=1e-4)
+    model.close()
+    same.close()
