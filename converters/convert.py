@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFWriter
+from gguf import GGMLQuantizationType, GGUFValueType, GGUFWriter
 
 from ..runtime.quants import GGMLType, row_nbytes
 from .arch import PlannedTensor, apply_transform, plan_tensors
@@ -129,6 +129,13 @@ def _quantize(w: np.ndarray, t: GGMLType) -> np.ndarray:
     return out
 
 
+def _encode(w: np.ndarray, t: GGMLType) -> np.ndarray:
+    """The bytes of tensor ``w`` as type ``t``, flat (a BF16 copy arrives already encoded)."""
+    if not (t is GGMLType.BF16 and w.dtype == np.uint16):
+        w = _quantize(w.reshape(-1, w.shape[-1]), t)
+    return np.ascontiguousarray(w).reshape(-1).view(np.uint8)
+
+
 def _source(ckpt: Checkpoint, cfg: HFConfig, p: PlannedTensor, t: GGMLType) -> np.ndarray:
     """The tensor as float32 after its transform -- or, for a BF16 copy, its raw bits."""
     entry = ckpt[p.hf]
@@ -195,18 +202,18 @@ def convert(folder: str | os.PathLike[str], out: str | os.PathLike[str], outtype
                 writer.write_tensor_data(extra)
             for p in plan:
                 t = types[p.gguf]
-                w = _source(ckpt, cfg, p, t)
-                data = w if (t is GGMLType.BF16 and w.dtype == np.uint16) else \
-                    _quantize(w.reshape(-1, p.shape[-1]) if w.ndim > 1 else w.reshape(1, -1), t)
-                writer.write_tensor_data(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
+                data = _encode(_source(ckpt, cfg, p, t), t)
+                writer.write_tensor_data(data)
                 if progress is not None:
                     progress(p.gguf, data.nbytes)
-                del w, data
+                del data  # one tensor at a time: drop it before reading the next
             writer.close()
             os.replace(tmp, out)
-        except BaseException:
-            writer.close()
-            tmp.unlink(missing_ok=True)
+        except BaseException:  # Ctrl-C included: never leave a half-written file behind
+            try:
+                writer.close()
+            finally:
+                tmp.unlink(missing_ok=True)
             raise
     finally:
         ckpt.close()
@@ -216,8 +223,6 @@ def convert(folder: str | os.PathLike[str], out: str | os.PathLike[str], outtype
 
 def _add_kv(writer: GGUFWriter, key: str, value: Any) -> None:
     """Add one metadata value with the GGUF type llama.cpp expects for it."""
-    from gguf import GGUFValueType
-
     if isinstance(value, bool):
         writer.add_bool(key, value)
     elif isinstance(value, int):
@@ -227,9 +232,11 @@ def _add_kv(writer: GGUFWriter, key: str, value: Any) -> None:
         writer.add_float32(key, value)
     elif isinstance(value, str):
         writer.add_string(key, value)
+    elif isinstance(value, list) and key.endswith("token_type"):
+        writer.add_key_value(key, value, GGUFValueType.ARRAY, sub_type=GGUFValueType.INT32)
+    elif isinstance(value, list) and key.endswith("scores"):
+        writer.add_key_value(key, value, GGUFValueType.ARRAY, sub_type=GGUFValueType.FLOAT32)
     elif isinstance(value, list):
-        sub = GGUFValueType.INT32 if key.endswith("token_type") else \
-            GGUFValueType.FLOAT32 if key.endswith("scores") else None
-        writer.add_array(key, value) if sub is None else writer.add_key_value(key, value, GGUFValueType.ARRAY, sub_type=sub)
+        writer.add_array(key, value)  # strings (tokens, merges)
     else:
         raise TypeError(f"metadata {key}: unsupported value {type(value).__name__}")
