@@ -173,3 +173,24 @@ def test_weights_are_laid_out_as_llama_cpp_writes_them(converted, default_gguf):
         got = np.asarray(ours.tensor(name))
         assert got.shape == want.shape, name
         assert np.allclose(got, want, rtol=2 ** -8, atol=1e-30), name
+
+
+def test_f16_file_runs_in_llama_cpp_like_transformers(converted, hf_model, hf_tokenizer, llama_cpp):
+    """llama.cpp reads the unquantized file as its own converter's: logits follow transformers'."""
+    ref = llama_cpp.Llama(model_path=str(converted[0]["f16"]), n_ctx=512, n_threads=2, verbose=False,
+                          logits_all=True)
+    agree, total, worst = 0, 0, 0.0
+    for prompt in PROMPTS:
+        ids = hf_tokenizer(prompt)["input_ids"]
+        ref.reset()
+        ref.eval(ids)
+        got = np.array(ref.scores[:len(ids)], dtype=np.float32)
+        with torch.no_grad():
+            want = hf_model(torch.tensor([ids])).logits[0].numpy()
+        agree += int((got.argmax(-1) == want.argmax(-1)).sum())
+        total += len(ids)
+        worst = max(worst, float(np.abs(got - want).max()))
+    ref.close()
+    print(f"llama.cpp on the F16 file vs transformers: top-1 equal at {agree}/{total} positions, "
+          f"max |dlogit| {worst:.3f}")
+    assert agree >= 0.95 * total and worst < 1.0
