@@ -1,4 +1,4 @@
-"""The ``edgelm`` command: pull, generate, chat, perplexity, bench.
+"""The ``edgelm`` command: pull, generate, chat, perplexity, bench, convert.
 
 Every command that needs a model resolves ``--model`` (short name or GGUF path) first, pulling a
 known model into the cache on first use, then loads it with :func:`edgelm.load`. Errors the user
@@ -22,6 +22,7 @@ from ..kernels.kvquant import KV_BITS
 from ..runtime.perplexity import combine_segments, iter_perplexity, iter_streaming_perplexity
 from ..runtime.sampling import SamplingParams
 from . import bench, chat
+from . import convert as convert_cmd
 
 if TYPE_CHECKING:
     from ..runtime.model import Model
@@ -222,6 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", parents=[common], help="speed and memory, side by side with llama.cpp")
     bench.add_arguments(p)
     p.set_defaults(handler=bench.cmd_bench)
+
+    p = sub.add_parser("convert", help="convert a Hugging Face checkpoint folder to GGUF")
+    convert_cmd.add_arguments(p)
+    p.set_defaults(handler=convert_cmd.cmd_convert)
     return parser
 
 

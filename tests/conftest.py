@@ -55,3 +55,16 @@ def requantized_gguf(default_gguf, llama_cpp):
         return out
 
     return make
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(default_gguf) -> Path:
+    """SmolLM2-135M-Instruct as a bf16 Hugging Face folder, built once (see tests/hf_factory.py)."""
+    from hf_factory import build_smollm2_hf
+
+    from edgelm.runtime.paths import edgelm_home
+
+    dest = edgelm_home() / "test-models" / "smollm2-hf"
+    if not (dest / "config.json").exists():
+        build_smollm2_hf(Path(default_gguf), dest)
+    return dest
