@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import edgelm
 
 from ..models.registry import DEFAULT_MODEL, REGISTRY, pull, resolve
-from ..runtime.errors import EdgeLMError
+from ..runtime.errors import ContextOverflowError, EdgeLMError
 from ..kernels.kvquant import KV_BITS
 from ..runtime.perplexity import combine_segments, iter_perplexity, iter_streaming_perplexity
 from ..runtime.sampling import SamplingParams
@@ -148,10 +148,15 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
     return 0
 
 
+EARLY_RSS_TOKENS = 2000
+
+
 def streaming_perplexity(args: argparse.Namespace, text: str) -> int:
     """``edgelm perplexity --streaming``: one pass over the text (repeated up to --max-tokens)
     through the model's KV cache, perplexity per --segment tokens."""
     import psutil
+
+    from ..runtime.model import release_free_memory
 
     model = load_model(args)
     tokens = model.tokenize(text, add_bos=True)
@@ -160,20 +165,38 @@ def streaming_perplexity(args: argparse.Namespace, text: str) -> int:
         while len(tokens) < args.max_tokens:
             tokens = tokens + body
         tokens = tokens[:args.max_tokens]
-    cache = model.backend.new_cache(len(tokens), model.kv)
+    if model.kv.window is None and len(tokens) > model.n_ctx:
+        raise ContextOverflowError(len(tokens), model.n_ctx)  # (a --kv-window streams past it)
+    cache = model.backend.new_cache(model.n_ctx, model.kv)
     process = psutil.Process()
     progress = sys.stderr if args.json else sys.stdout
     print(f"streaming perplexity: {len(tokens)} tokens, KV {model.kv}", file=sys.stderr)
-    segments = []
-    for seg in iter_streaming_perplexity(lambda ids: model.backend.forward(ids, cache, logits_from=0),
-                                         tokens, args.segment,
-                                         rss_fn=lambda: process.memory_info().rss / 2**20):
+    segments, early_rss = [], []
+
+    def rss_mb() -> float:
+        # Memory in use, not allocator slack: freed activation/logit buffers stay in glibc's heap
+        # (tens of MB, going up and down with batch sizes) until trimmed.
+        release_free_memory()
+        return process.memory_info().rss / 2**20
+
+    def feed(ids: list[int]):
+        if not early_rss and cache.offset >= EARLY_RSS_TOKENS:  # the baseline of "RSS stays flat"
+            early_rss.append(rss_mb())  # (between batches, like the per-segment samples)
+        return model.backend.forward(ids, cache, logits_from=0)
+
+    for seg in iter_streaming_perplexity(feed, tokens, args.segment,
+                                         rss_fn=rss_mb):
         segments.append(seg)
-        progress.write(f"[{seg.start}] ppl {seg.ppl:.4f}, {seg.tok_s:.0f} tok/s, RSS {seg.rss_mb:.1f} MB\n")
+        progress.write(f"[{seg.start}] ppl {seg.ppl:.4f}, {seg.tok_s:.0f} tok/s ({seg.cpu_tok_s:.0f} per "
+                       f"CPU-s), RSS {seg.rss_mb:.1f} MB, {cache.evicted} evicted\n")
         progress.flush()
     result = {"ppl": combine_segments(segments), "tokens": len(tokens), "evicted": cache.evicted,
+              "kv": {"bits_k": model.kv.bits_k, "bits_v": model.kv.bits_v, "window": model.kv.window,
+                     "n_sink": model.kv.n_sink, "cache_bytes": cache.nbytes},
               "segments": [{"start": s.start, "ppl": s.ppl} for s in segments],
-              "rss_mb": [s.rss_mb for s in segments], "tok_s": [s.tok_s for s in segments]}
+              "rss_mb": [s.rss_mb for s in segments], "tok_s": [s.tok_s for s in segments],
+              "cpu_tok_s": [s.cpu_tok_s for s in segments],
+              f"rss_mb_after_{EARLY_RSS_TOKENS}": early_rss[0] if early_rss else None}
     if args.json:
         print(json.dumps(result))
     else:

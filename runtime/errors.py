@@ -13,7 +13,8 @@ class ContextOverflowError(EdgeLMError, ValueError):
         self.needed, self.n_ctx = needed, n_ctx
         super().__init__(
             f"{what} needs {needed} tokens but the context holds {n_ctx}; "
-            f"shorten it or load the model with a larger n_ctx"
+            f"shorten it, load the model with a larger n_ctx, or stream past it with a KV window "
+            f"(kv_window=N, --kv-window N)"
         )
 
 

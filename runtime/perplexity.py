@@ -143,7 +143,8 @@ class StreamingSegment:
     start: int  # index of the first token of the segment
     tokens: int  # tokens predicted in it
     ppl: float
-    tok_s: float
+    tok_s: float  # wall-clock tokens per second over the segment
+    cpu_tok_s: float  # tokens per CPU-second of this process (robust to other load on the machine)
     rss_mb: float
 
 
@@ -163,10 +164,11 @@ def iter_streaming_perplexity(feed: FeedFn, tokens: Sequence[int], segment: int 
     if len(tokens) < 2:
         raise ValueError(f"streaming perplexity needs at least 2 tokens, got {len(tokens)}")
     seg_start, nll_sum, count = 0, 0.0, 0
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for b0 in range(0, len(tokens) - 1, batch):
         b1 = min(b0 + batch, len(tokens) - 1)  # the last token is never fed: nothing to score
         logits = feed(tokens[b0:b1].tolist())
+        done = []  # segments completed in this batch: (start, count, nll_sum, seconds, cpu)
         i0 = b0
         while i0 < b1:  # the batch's predictions, split at segment boundaries
             i1 = min(b1, (i0 // segment + 1) * segment)
@@ -174,12 +176,16 @@ def iter_streaming_perplexity(feed: FeedFn, tokens: Sequence[int], segment: int 
             nll_sum += float(nll.sum())
             count += len(nll)
             if i1 % segment == 0 or i1 == len(tokens) - 1:
-                seconds = time.perf_counter() - t0
-                yield StreamingSegment(start=seg_start, tokens=count, ppl=math.exp(nll_sum / count),
-                                       tok_s=count / seconds if seconds > 0 else 0.0,
-                                       rss_mb=rss_fn() if rss_fn else 0.0)
-                seg_start, nll_sum, count, t0 = i1, 0.0, 0, time.perf_counter()
+                done.append((seg_start, count, nll_sum, time.perf_counter() - t0, time.process_time() - c0))
+                seg_start, nll_sum, count = i1, 0.0, 0
+                t0, c0 = time.perf_counter(), time.process_time()
             i0 = i1
+        del logits  # RSS is sampled without this batch's temporaries
+        for start, n, total, seconds, cpu in done:
+            yield StreamingSegment(start=start, tokens=n, ppl=math.exp(total / n),
+                                   tok_s=n / seconds if seconds > 0 else 0.0,
+                                   cpu_tok_s=n / cpu if cpu > 0 else 0.0,
+                                   rss_mb=rss_fn() if rss_fn else 0.0)
 
 
 def combine_segments(segments: Sequence[StreamingSegment]) -> float:

@@ -491,3 +491,27 @@ def test_real_perplexity_agrees_with_llama_cpp_logits(default_gguf, eval_text, u
     assert ours["tokens_scored"] == theirs.tokens_scored == 4 * 63
     # Same method and tokens; only the two engines' quantized arithmetic differs.
     assert ours["ppl"] == pytest.approx(theirs.ppl, rel=0.02)
+
+
+def test_real_streaming_perplexity_json(default_gguf, tmp_path, capsys):
+    """``perplexity --streaming`` through an 8-bit rolling cache: the issue's JSON fields, the text
+    repeated up to --max-tokens, memory flat once the window is full."""
+    text = tmp_path / "short.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40, encoding="utf-8")
+    assert cli.main(["perplexity", "--model", str(default_gguf), "--file", str(text), "--streaming",
+                     "--max-tokens", "2600", "--segment", "1000", "--kv-window", "60", "--kv-bits", "8",
+                     "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["tokens"] == 2600 and out["evicted"] == 2600 - 1 - 4 - (60 + 128)  # fed, minus sinks and ring
+    assert [s["start"] for s in out["segments"]] == [0, 1000, 2000]
+    assert len(out["rss_mb"]) == len(out["tok_s"]) == 3 and out["kv"]["bits_k"] == 8
+    assert out["ppl"] < 5  # a repeated sentence is easy once seen
+    assert abs(out["rss_mb"][-1] - out["rss_mb_after_2000"]) < 20
+
+
+def test_streaming_perplexity_needs_a_window_past_the_context(default_gguf, tmp_path, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text("word " * 400, encoding="utf-8")
+    assert cli.main(["perplexity", "--model", str(default_gguf), "--file", str(text), "--streaming",
+                     "--max-tokens", "9000"]) == cli.EXIT_ERROR
+    assert "9000" in capsys.readouterr().err

@@ -101,3 +101,32 @@ def test_method_on_llama_cpp_logits_reproduces_published_ppl(default_gguf, eval_
     assert round(result.ppl, 2) == 25.40
     assert result.tokens_scored == 20 * 255
     assert 0.5 < result.ppl_err < 2.0
+
+
+# ---------------------------------------------------------------- streaming
+
+
+def test_streaming_segments_score_every_prediction_once():
+    from edgelm.runtime.perplexity import combine_segments, iter_streaming_perplexity, token_nll
+
+    rng = np.random.default_rng(0)
+    vocab, n = 11, 1003
+    tokens = rng.integers(0, vocab, n)
+    table = rng.standard_normal((n, vocab)).astype(np.float32)  # logits of position i
+    fed = []
+
+    def feed(ids):
+        start = sum(len(f) for f in fed)
+        fed.append(list(ids))
+        assert ids == tokens[start:start + len(ids)].tolist()
+        return table[start:start + len(ids)]
+
+    segs = list(iter_streaming_perplexity(feed, tokens, segment=300, batch=128, rss_fn=lambda: 1.0))
+    assert [s.start for s in segs] == [0, 300, 600, 900]
+    assert [s.tokens for s in segs] == [300, 300, 300, n - 1 - 900]
+    nll = token_nll(table[:n - 1], tokens[1:])
+    assert np.isclose(segs[1].ppl, np.exp(nll[300:600].mean()))
+    assert np.isclose(combine_segments(segs), np.exp(nll.mean()))
+    assert all(s.rss_mb == 1.0 and s.tok_s > 0 for s in segs)
+    with pytest.raises(ValueError):
+        next(iter_streaming_perplexity(feed, tokens[:1]))
