@@ -201,3 +201,17 @@ def test_generation_goes_past_the_context_with_a_window(default_gguf, eval_text)
     with pytest.raises(ContextOverflowError, match="kv_window"):
         plain.generate("word " * 100, max_tokens=1)
     plain.close()
+
+
+def test_chat_session_outlives_the_context_with_a_window(default_gguf):
+    model = edgelm.load(default_gguf, threads=2, n_ctx=96, kv_window=48, kv_bits=8)
+    session = model.chat_session(system="You are brief.")
+    for turn in ("Hello!", "Tell me about dragons.", "And about castles?", "What about knights?",
+                 "Write a short poem.", "Thanks, bye."):
+        reply = "".join(session.send(turn, max_tokens=40, temperature=0.0))
+        assert isinstance(reply, str)
+    stats = model.memory_stats()
+    assert stats["tokens"] > 4 + 48 + 128 and stats["kv_evicted"] > 0  # past the context and the ring
+    assert stats["kv_tokens"] <= 4 + 48 + 128  # memory bounded
+    assert model.last_stats.cached_tokens > 0  # later turns reuse the cache, not re-read history
+    model.close()
