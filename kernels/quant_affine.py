@@ -72,16 +72,15 @@ def unpack3(typingctx, w, off):
     """The 32 3-bit quants in the 12 bytes at ``off`` (q_j at stream bit 3j).
 
     q_j lies in the 16-bit window starting at byte 3j // 8: gather each window's two bytes into
-    i16 lanes, move bit 3j % 8 up to bit 7 by a per-lane constant multiply (one ``vpmullw``;
+    i16 lanes with one byte shuffle, move bit 3j % 8 up to bit 7 by a per-lane constant multiply (one ``vpmullw``;
     x86 has no per-lane 16-bit shift), then shift all lanes right by 7 and mask."""
     def codegen(context, builder, sig, args):
         b = _bytes_as(builder, context, sig.args[0], args[0], args[1], _I8, 12)
         zero = ir.Constant(_vec(_I8, 12), None)
-        first = [(3 * j) // 8 for j in range(32)]
-        lo = builder.shuffle_vector(b, zero, _lanes(first))
-        hi = builder.shuffle_vector(b, zero, _lanes([k + 1 for k in first]))  # 12 = a zero byte
+        # little-endian i16 window j = bytes (3j // 8, 3j // 8 + 1); index 12 is a zero byte
+        idx = [(3 * j) // 8 + k for j in range(32) for k in (0, 1)]
         v16 = _vec(_I16, 32)
-        win = builder.or_(builder.zext(lo, v16), builder.shl(builder.zext(hi, v16), _splat_const(_I16, 32, 8)))
+        win = builder.bitcast(builder.shuffle_vector(b, zero, _lanes(idx)), v16)
         up = builder.mul(win, ir.Constant(v16, [1 << (7 - (3 * j) % 8) for j in range(32)]))
         q = builder.and_(builder.lshr(up, _splat_const(_I16, 32, 7)), _splat_const(_I16, 32, 7))
         return builder.trunc(q, _V32B)
