@@ -136,7 +136,7 @@ def quantize_activations_affine(X, n, cols, gs, xq, dx, xg):
                 i = t * cols + b * QK
                 d, qsum = quantize_block_q8(X, i, xq, i)
                 dx[t * nb + b] = d
-                acc += d * qsum
+                acc = sfma(d, qsum, acc)  # explicit: whether `acc + d * qsum` fuses must not vary
             xg[t * ng + g] = acc
 
 
