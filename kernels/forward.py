@@ -22,10 +22,8 @@ from numba import njit
 from .attention import QUERY_BLOCK, attend_block
 from .kvquant import hadamard_groups, store_row
 from .lowlevel import spin_barrier
-from .qdispatch import dequantize_rows, matmul, matvec
-
-# Column layout of the int64 weight tables: one row per tensor.
-W_OFFSET, W_NBYTES, W_TYPE, W_ROWS, W_COLS = 0, 1, 2, 3, 4
+# Column layout of the int64 weight tables (one row per tensor): qdispatch's W_* columns.
+from .qdispatch import W_COLS, W_OFFSET, W_ROWS, W_TYPE, dequantize_rows_t, matmul_t, matvec_t  # noqa: F401
 # Per-layer slots (order of models.base.LAYER_SLOTS, minus the two norms held as float32).
 S_Q, S_K, S_V, S_O, S_GATE, S_UP, S_DOWN = 0, 1, 2, 3, 4, 5, 6
 # Integer hyperparameters (icfg) -- see runtime/numba_backend.py, which fills them.
@@ -43,12 +41,11 @@ def _share(total, tid, nthr):
 @njit(nogil=True, fastmath=True, cache=True)
 def _project(blob, wt, X, out, n, tid, nthr):
     """out[:n, rows] = X[:n] @ W.T for this thread's rows of W (described by table row ``wt``)."""
-    w = blob[wt[W_OFFSET]: wt[W_OFFSET] + wt[W_NBYTES]]
     r0, r1 = _share(wt[W_ROWS], tid, nthr)
     if n == 1:
-        matvec(w, wt[W_TYPE], wt[W_COLS], X[0], out[0], r0, r1)
+        matvec_t(blob, wt, X[0], out[0], r0, r1)
     else:
-        matmul(w, wt[W_TYPE], wt[W_COLS], X[:n], out[:n], r0, r1)
+        matmul_t(blob, wt, X[:n], out[:n], r0, r1)
     return r0, r1
 
 
@@ -92,8 +89,9 @@ def forward_worker(tid, nthr, sync,
     """Thread ``tid`` of ``nthr``'s part of one forward pass over ``n = len(tokens)`` tokens.
 
     blob:   uint8  [file size]            the memory-mapped GGUF (weights are views into it)
-    wtab:   int64  [n_layers, 7, 5]       (offset, nbytes, type, rows, cols) of Q K V O gate up down
-    gtab:   int64  [2, 5]                 token_embd and output head
+    wtab:   int64  [n_layers, 7, W_FIELDS]  qdispatch's table rows (offset, nbytes, type, rows, cols,
+                                          affine scales/biases offsets, group size) of Q K V O gate up down
+    gtab:   int64  [2, W_FIELDS]          token_embd and output head
     norms:  f32    [n_layers, 2, dim]     attention and MLP RMSNorm weights
     bias:   f32    [n_layers, q_dim + 2 kv_dim]  Q/K/V biases (zeros when the model has none)
     tokens: int64  [n]; their counters (positions in the sequence) are pos0 .. pos0 + n - 1
@@ -120,10 +118,8 @@ def forward_worker(tid, nthr, sync,
     t0, t1 = _share(n, tid, nthr)
 
     # Embedding lookup: this thread's tokens.
-    emb = gtab[0]
-    ew = blob[emb[W_OFFSET]: emb[W_OFFSET] + emb[W_NBYTES]]
     for i in range(t0, t1):
-        dequantize_rows(ew, emb[W_TYPE], dim, tokens[i], tokens[i] + 1, x[i:i + 1])
+        dequantize_rows_t(blob, gtab[0], tokens[i], tokens[i] + 1, x[i:i + 1])
     spin_barrier(sync, nthr)
 
     for layer in range(n_layers):

@@ -10,12 +10,29 @@ Each branch calls the type's kernel with the shared contract (``quant_legacy`` f
     dequantize_rows(w, gtype, cols, r0, r1, out) out[r - r0] = W[r]
 
 An unsupported code raises ``ValueError`` (check ``SUPPORTED_TYPES`` up front instead).
+
+The forward pass calls the *table-row* entry points ``matvec_t``/``matmul_t``/
+``dequantize_rows_t``, which take the mapped file ``blob`` and one row of the weight table
+(columns ``W_*`` below) and also run the affine INT4/INT3 format (``runtime/affine.py``,
+``quant_affine``). An affine tensor is three tensors in the file (packed quants, f16 scales,
+f16 biases), so it has no single ggml type: the table gives it a pseudo type code,
+``AFFINE_Q4`` (1004) or ``AFFINE_Q3`` (1003) -- 1000 + bits, far outside ggml's enum -- plus
+the offsets of its scales and biases and its group size. ``SUPPORTED_TYPES`` lists the ggml
+codes the raw-row functions take; ``TABLE_TYPES`` adds the affine codes.
 """
 from __future__ import annotations
 
 import numpy as np
 from numba import njit
 
+from .quant_affine import (
+    dequantize_rows_affine3,
+    dequantize_rows_affine4,
+    matmul_affine3,
+    matmul_affine4,
+    matvec_affine3,
+    matvec_affine4,
+)
 from .quant_float import (
     dequantize_rows_bf16,
     dequantize_rows_f16,
@@ -65,6 +82,16 @@ Q3_K, Q4_K, Q5_K, Q6_K = 11, 12, 13, 14
 BF16 = 30
 
 SUPPORTED_TYPES: frozenset[int] = frozenset({F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q3_K, Q4_K, Q5_K, Q6_K})
+
+# Pseudo type codes of affine tensors (1000 + bits; only in weight tables, never in a file).
+AFFINE_Q3, AFFINE_Q4 = 1003, 1004
+AFFINE_TYPES: frozenset[int] = frozenset({AFFINE_Q3, AFFINE_Q4})
+TABLE_TYPES: frozenset[int] = SUPPORTED_TYPES | AFFINE_TYPES
+
+# Columns of a weight-table row (int64): where the tensor is in the blob, its (pseudo) type and
+# shape, and for affine tensors where its scales and biases are and its group size (else 0).
+W_OFFSET, W_NBYTES, W_TYPE, W_ROWS, W_COLS, W_SCALES, W_BIASES, W_GROUP = range(8)
+W_FIELDS = 8
 
 # (weights per block, bytes per block) of each supported type
 _BLOCKS: dict[int, tuple[int, int]] = {
@@ -173,3 +200,59 @@ def dequantize_rows(w: np.ndarray, gtype: int, cols: int, r0: int, r1: int, out:
         dequantize_rows_f32(w, cols, r0, r1, out)
     else:
         raise ValueError("dequantize_rows: unsupported ggml type")
+
+
+# ---------------------------------------------------------------------------------------------
+# table-row entry points (ggml types and affine pseudo types)
+
+
+@njit(nogil=True, inline="always", cache=True)
+def _affine_parts(blob, wt):
+    """(packed quants, scales, biases) byte views of the affine tensor of table row ``wt``."""
+    rows, ng = wt[W_ROWS], wt[W_COLS] // wt[W_GROUP]
+    w = blob[wt[W_OFFSET]: wt[W_OFFSET] + wt[W_NBYTES]]
+    s = blob[wt[W_SCALES]: wt[W_SCALES] + 2 * rows * ng]
+    b = blob[wt[W_BIASES]: wt[W_BIASES] + 2 * rows * ng]
+    return w, s, b
+
+
+@njit(nogil=True, cache=True)
+def matvec_t(blob: np.ndarray, wt: np.ndarray, x: np.ndarray, out: np.ndarray, r0: int, r1: int) -> None:
+    """out[r] = W[r] . x for r in [r0, r1); W described by weight-table row ``wt``."""
+    gtype, cols = wt[W_TYPE], wt[W_COLS]
+    if gtype == AFFINE_Q4:
+        w, s, b = _affine_parts(blob, wt)
+        matvec_affine4(w, s, b, cols, wt[W_GROUP], x, out, r0, r1)
+    elif gtype == AFFINE_Q3:
+        w, s, b = _affine_parts(blob, wt)
+        matvec_affine3(w, s, b, cols, wt[W_GROUP], x, out, r0, r1)
+    else:
+        matvec(blob[wt[W_OFFSET]: wt[W_OFFSET] + wt[W_NBYTES]], gtype, cols, x, out, r0, r1)
+
+
+@njit(nogil=True, cache=True)
+def matmul_t(blob: np.ndarray, wt: np.ndarray, X: np.ndarray, out: np.ndarray, r0: int, r1: int) -> None:
+    """out[i, r] = W[r] . X[i] for every row i of X and r in [r0, r1) (table row ``wt``)."""
+    gtype, cols = wt[W_TYPE], wt[W_COLS]
+    if gtype == AFFINE_Q4:
+        w, s, b = _affine_parts(blob, wt)
+        matmul_affine4(w, s, b, cols, wt[W_GROUP], X, out, r0, r1)
+    elif gtype == AFFINE_Q3:
+        w, s, b = _affine_parts(blob, wt)
+        matmul_affine3(w, s, b, cols, wt[W_GROUP], X, out, r0, r1)
+    else:
+        matmul(blob[wt[W_OFFSET]: wt[W_OFFSET] + wt[W_NBYTES]], gtype, cols, X, out, r0, r1)
+
+
+@njit(nogil=True, cache=True)
+def dequantize_rows_t(blob: np.ndarray, wt: np.ndarray, r0: int, r1: int, out: np.ndarray) -> None:
+    """out[r - r0] = W[r] as float32 for r in [r0, r1) (table row ``wt``)."""
+    gtype, cols = wt[W_TYPE], wt[W_COLS]
+    if gtype == AFFINE_Q4:
+        w, s, b = _affine_parts(blob, wt)
+        dequantize_rows_affine4(w, s, b, cols, wt[W_GROUP], r0, r1, out)
+    elif gtype == AFFINE_Q3:
+        w, s, b = _affine_parts(blob, wt)
+        dequantize_rows_affine3(w, s, b, cols, wt[W_GROUP], r0, r1, out)
+    else:
+        dequantize_rows(blob[wt[W_OFFSET]: wt[W_OFFSET] + wt[W_NBYTES]], gtype, cols, r0, r1, out)

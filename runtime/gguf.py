@@ -30,6 +30,9 @@ from .quants import GGMLType
 
 MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
+# Integer tensors accepted as raw data (``tensor_bytes``; no dequantization): I32 holds the
+# packed words of affine INT4/INT3 weights (runtime/affine.py).
+RAW_TYPES = (GGMLType.I32,)
 DEFAULT_ALIGNMENT = 32
 ALIGNMENT_KEY = "general.alignment"
 MAX_DIMS = 4  # GGML_MAX_DIMS
@@ -354,8 +357,8 @@ class GGUFFile:
             gtype = GGMLType(code)
         except ValueError:
             cur.fail(what, info_at, f"unknown ggml type {code}", place="info at")
-        if gtype not in quants.QUANT_TYPES:
-            supported = ", ".join(t.name for t in quants.QUANT_TYPES)
+        if gtype not in quants.QUANT_TYPES and gtype not in RAW_TYPES:
+            supported = ", ".join(t.name for t in (*quants.QUANT_TYPES, *RAW_TYPES))
             cur.fail(what, info_at, f"ggml type {gtype.name} is not supported (supported: {supported})",
                      place="info at")
         return gtype

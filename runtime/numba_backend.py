@@ -10,9 +10,10 @@ from ..kernels.forward import (
     forward_worker,
 )
 from ..kernels.attention import QUERY_BLOCK
-from ..kernels.qdispatch import SUPPORTED_TYPES
+from ..kernels.qdispatch import AFFINE_Q3, AFFINE_Q4, SUPPORTED_TYPES, W_FIELDS
 from ..kernels.threads import ThreadTeam
 from ..models.base import BIAS_SLOTS, ModelArgs, layer_tensor_name
+from . import affine
 from .errors import ContextOverflowError, ModelFormatError
 from .gguf import GGUFFile
 from .kv_cache import KVCache, KVSpec, SlotKVCache
@@ -59,6 +60,7 @@ class NumbaBackend:
         self.args = args
         self.team = ThreadTeam(threads)
         self._blob = np.asarray(gguf.buffer).view(np.uint8)
+        self._affine_bits = affine.tensor_bits(gguf)
         self._wtab = np.stack([
             np.stack([self._table_row(layer_tensor_name(l, slot), *shape(args)) for slot, shape in _PROJECTIONS])
             for l in range(args.n_layers)
@@ -93,9 +95,18 @@ class NumbaBackend:
 
     # ---- weights ----
     def _table_row(self, name: str, rows: int, cols: int) -> np.ndarray:
+        """The weight-table row (qdispatch's W_* columns) of tensor ``name``, checked."""
         info = self.gguf.tensors.get(name)
         if info is None:
             raise ModelFormatError(f"{self.gguf.path.name}: missing tensor {name!r}")
+        if affine.is_affine(self.gguf, name):
+            t = affine.affine_tensor(self.gguf, name, self._affine_bits)
+            if (t.rows, t.cols) != (rows, cols):
+                raise ModelFormatError(f"{self.gguf.path.name}: affine tensor {name!r} is {t.rows} x {t.cols}, "
+                                       f"expected {rows} x {cols}")
+            code = AFFINE_Q4 if t.bits == 4 else AFFINE_Q3
+            return np.array([t.offset, t.nbytes, code, rows, cols, t.scales_offset, t.biases_offset,
+                             t.group_size], dtype=np.int64)
         if info.shape[0] != cols or info.n_rows != rows:
             raise ModelFormatError(
                 f"{self.gguf.path.name}: tensor {name!r} has shape {tuple(info.shape)}, expected ({cols}, {rows})")
@@ -103,7 +114,9 @@ class NumbaBackend:
             raise ModelFormatError(
                 f"{self.gguf.path.name}: tensor {name!r} has type {GGMLType(info.ggml_type).name}, "
                 f"which the CPU kernels do not support")
-        return np.array([info.offset, info.nbytes, int(info.ggml_type), rows, cols], dtype=np.int64)
+        row = np.zeros(W_FIELDS, dtype=np.int64)
+        row[:5] = (info.offset, info.nbytes, int(info.ggml_type), rows, cols)
+        return row
 
     def _vector(self, name: str, length: int) -> np.ndarray:
         if name not in self.gguf.tensors:

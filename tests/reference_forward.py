@@ -12,6 +12,23 @@ import numpy as np
 from gguf import GGUFReader
 from gguf.quants import dequantize
 
+from edgelm.runtime import affine
+
+
+def _affine_bits(r: GGUFReader, name: str) -> int:
+    """Bits of affine tensor ``name``: its edgelm.quantization.tensor_bits entry, else the default."""
+    def values(key: str) -> list:
+        f = r.fields.get(key)
+        if f is None:
+            return []
+        return [f.parts[i] for i in f.data]
+
+    names = [bytes(v).decode() for v in values(affine.KEY_TENSOR_NAMES)]
+    bits = [int(v[0]) for v in values(affine.KEY_TENSOR_BITS)]
+    if name in names:
+        return bits[names.index(name)]
+    return int(values(affine.KEY_BITS)[0][0])
+
 
 class ReferenceLlama:
     """float64 forward of a llama-architecture GGUF (GGML's interleaved-pair RoPE, GQA, SwiGLU)."""
@@ -26,8 +43,23 @@ class ReferenceLlama:
         arch = bytes(r.fields["general.architecture"].parts[-1]).decode()
         if arch != "llama":
             raise ValueError(f"reference forward covers llama only, not {arch!r}")
-        self.w = {t.name: dequantize(t.data, t.tensor_type).reshape([int(x) for x in reversed(t.shape)])
-                  .astype(np.float64) for t in r.tensors}
+        tensors = {t.name: t for t in r.tensors}
+        self.w = {}
+        for t in r.tensors:
+            if t.name.endswith((".scales", ".biases")):
+                continue
+            scales = tensors.get(t.name[: -len(".weight")] + ".scales") if t.name.endswith(".weight") else None
+            if scales is not None:  # affine INT4/INT3 (runtime/affine.py), by the NumPy reference
+                biases = tensors[t.name[: -len(".weight")] + ".biases"]
+                words = np.asarray(t.data).view(np.uint32).reshape(int(t.shape[1]), int(t.shape[0]))
+                s = np.asarray(scales.data).reshape(int(scales.shape[1]), int(scales.shape[0]))
+                b = np.asarray(biases.data).reshape(s.shape)
+                bits = _affine_bits(r, t.name)
+                cols = words.shape[1] * 32 // bits
+                self.w[t.name] = affine.dequantize(words, s, b, bits, cols // s.shape[1]).astype(np.float64)
+                continue
+            self.w[t.name] = (dequantize(t.data, t.tensor_type).reshape([int(x) for x in reversed(t.shape)])
+                              .astype(np.float64))
         self.n_layers = int(field("llama.block_count"))
         self.n_heads = int(field("llama.attention.head_count"))
         self.n_kv = int(field("llama.attention.head_count_kv"))

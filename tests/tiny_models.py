@@ -13,6 +13,7 @@ import numpy as np
 from gguf import GGMLQuantizationType, GGUFWriter
 from gguf.quants import quantize
 
+from edgelm.runtime import affine
 from vocab_factory import TOKENIZER_KEYS, _add_field
 
 
@@ -25,8 +26,11 @@ class TinyConfig:
     n_kv_heads: int = 2
     hidden: int = 256
     tied: bool = True
-    wtype: str = "F32"           # F32, F16 or Q8_0 for the 2-D weights
+    wtype: str = "F32"           # F32, F16 or Q8_0 for the 2-D weights; "AFFINE": runtime/affine.py
     rope_theta: float = 10000.0
+    affine_bits: int = 4         # with wtype="AFFINE": default bits ...
+    affine_group: int = 64       # ... group size ...
+    affine_bits_by_slot: tuple[tuple[str, int], ...] = ()  # ... and per-slot overrides, ("ffn_down", 4)
 
 
 def write_tiny_model(path: Path, cfg: TinyConfig, tokenizer_meta: Mapping[str, Any], seed: int = 0) -> Path:
@@ -48,9 +52,16 @@ def write_tiny_model(path: Path, cfg: TinyConfig, tokenizer_meta: Mapping[str, A
         if key.startswith(TOKENIZER_KEYS):
             _add_field(w, key, value)
 
+    tensor_bits: dict[str, int] = {}
+    slot_bits = dict(cfg.affine_bits_by_slot)
+
     def matrix(name: str, rows: int, cols: int, scale: float) -> None:
         a = (rng.standard_normal((rows, cols)) * scale).astype(np.float32)
-        if cfg.wtype == "F32":
+        if cfg.wtype == "AFFINE":
+            slot = name.split(".")[-2]
+            tensor_bits[name] = bits = slot_bits.get(slot, cfg.affine_bits)
+            affine.add_affine_tensor(w, name, a, bits, cfg.affine_group)
+        elif cfg.wtype == "F32":
             w.add_tensor(name, a)
         elif cfg.wtype == "F16":
             w.add_tensor(name, a.astype(np.float16))
@@ -80,6 +91,8 @@ def write_tiny_model(path: Path, cfg: TinyConfig, tokenizer_meta: Mapping[str, A
     vector("output_norm.weight", cfg.dim, 1.0, 0.1)
     if not cfg.tied:
         matrix("output.weight", vocab, cfg.dim, cfg.dim ** -0.5)
+    if tensor_bits:
+        affine.add_affine_metadata(w, cfg.affine_bits, cfg.affine_group, tensor_bits)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
