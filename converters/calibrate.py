@@ -110,8 +110,9 @@ def calibrate(folder: Path, calib_file: Path, method: str, bits_of: Callable[[st
 
     def hook_for(key: str):
         def hook(_mod, args):
-            x = args[0].reshape(-1, args[0].shape[-1]).to(torch.float64)
-            hess[key] = hess.get(key, 0) + x.T @ x
+            if method == "gptq":
+                x = args[0].reshape(-1, args[0].shape[-1]).to(torch.float64)
+                hess[key] = hess.get(key, 0) + x.T @ x
             kept = sum(t.shape[0] for t in xs.setdefault(key, []))
             if method == "awq" and kept < n_awq_tokens:
                 xs[key].append(args[0].reshape(-1, args[0].shape[-1])[: n_awq_tokens - kept].clone())

@@ -95,6 +95,7 @@ AFFINE_RECIPES: dict[str, str] = {
     "mixed": "as uniform, plus attn_v and ffn_down one notch up in llama.cpp's use_more_bits layers "
              "(3 -> 4 bits affine; 4 -> Q6_K, Q8_0 where rows are not multiples of 256) [default]",
     "mixed-all": "as mixed, but attn_v and ffn_down one notch up in every layer",
+    "mixed-l": "as mixed-all, and attn_output too (like llama.cpp's Q3_K_L): only q, k, gate, up at --bits",
 }
 DEFAULT_AFFINE_RECIPE = "mixed"
 
@@ -122,8 +123,10 @@ def affine_type(site: TensorSite, bits: int, group_size: int, recipe: str) -> GG
         return GGMLType.Q8_0 if row % 32 == 0 else GGMLType.F16
     t: GGMLType | Affine = Affine(bits, group_size)
     if site.layer is not None and site.name.endswith(("attn_v.weight", "ffn_down.weight")):
-        if recipe == "mixed-all" or (recipe == "mixed" and use_more_bits(site.layer, site.n_layers)):
+        if recipe in ("mixed-all", "mixed-l") or (recipe == "mixed" and use_more_bits(site.layer, site.n_layers)):
             t = _notch_up(bits, group_size, row)
+    if site.layer is not None and recipe == "mixed-l" and site.name.endswith("attn_output.weight"):
+        t = _notch_up(bits, group_size, row)
     if isinstance(t, Affine) and row % group_size:
         raise ValueError(f"{site.name}: rows of {row} weights are not a multiple of --group-size {group_size}")
     return t

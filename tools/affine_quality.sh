@@ -41,7 +41,7 @@ EOV
         $EDGELM convert "$HF" -o "$OUT/$name.fake.gguf" --bits "$bits" --group-size "$group" \
             --recipe "$recipe" --method "$method" --fake-quant 2>"$OUT/$name.log"
         secs=$(( $(date +%s) - start ))
-        echo "$name size=$(stat -c %s "$real") convert_s=$secs ppl=$(ppl "$OUT/$name.fake.gguf") $(cat "$OUT/$name.log")"
+        echo "$name size=$(stat -c %s "$real") convert_s=$secs ppl=$(ppl "$OUT/$name.fake.gguf") $(tail -n1 "$OUT/$name.log")"
         rm -f "$OUT/$name.fake.gguf" ;;
     esac
 done
