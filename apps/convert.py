@@ -4,12 +4,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..converters.errors import ConversionError
-from ..converters.recipe import OUTTYPES
+from pathlib import Path
 
-# Flags of the INT4/INT3 affine format (issue 3, second half). They are parsed so that scripts
-# written for the full interface fail with a clear message instead of "unrecognized argument".
-_NOT_YET = ("bits", "group_size", "recipe", "method", "calib")
+from ..converters.errors import ConversionError
+from ..converters.recipe import AFFINE_RECIPES, DEFAULT_AFFINE_RECIPE, OUTTYPES
+
+# Default calibration text, relative to the repository (the shared data folder next to it).
+DEFAULT_CALIB = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-calib.txt"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -20,23 +21,39 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--llama-cpp", action="store_true",
                    help="llama.cpp's Q4_K_M types only (Q4_K/Q6_K, Q5_0/Q8_0 where rows are not multiples of 256)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
-    g = p.add_argument_group("affine INT4/INT3 (not implemented yet)")
-    g.add_argument("--bits", type=int, choices=(4, 3))
-    g.add_argument("--group-size", type=int, choices=(32, 64, 128))
-    g.add_argument("--recipe")
-    g.add_argument("--method", choices=("rtn", "awq", "gptq"))
-    g.add_argument("--calib", metavar="FILE")
+    g = p.add_argument_group("affine INT4/INT3 (MLX's mx.quantize layout in the GGUF)")
+    g.add_argument("--bits", type=int, choices=(4, 3), help="affine group quantization at this many bits")
+    g.add_argument("--group-size", type=int, choices=(32, 64, 128), help="weights per scale/bias (default: 64)")
+    g.add_argument("--recipe", choices=sorted(AFFINE_RECIPES),
+                   help="which tensors get more bits (default: %s): " % DEFAULT_AFFINE_RECIPE
+                   + "; ".join(f"{k}: {v}" for k, v in AFFINE_RECIPES.items()))
+    g.add_argument("--method", choices=("rtn", "awq", "gptq"),
+                   help="rtn: round to nearest with a clip search (default); awq: activation-aware scaling; "
+                        "gptq: Hessian-based error compensation (both calibrate on --calib)")
+    g.add_argument("--calib", metavar="FILE", help=f"calibration text for awq/gptq (default: {DEFAULT_CALIB})")
+    g.add_argument("--fake-quant", action="store_true",
+                   help="store the dequantized weights as F16 (quality measurements on any runtime)")
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from ..converters.convert import convert
+    from ..converters.convert import AffineOptions, convert
 
-    given = [f"--{name.replace('_', '-')}" for name in _NOT_YET if getattr(args, name) is not None]
-    if given:
-        raise ConversionError(f"{', '.join(given)}: the affine INT4/INT3 format is not implemented yet; "
-                              f"use --outtype or --llama-cpp")
     if args.llama_cpp and args.outtype != "f16":
         raise ConversionError("--llama-cpp chooses the types itself; do not combine it with --outtype")
+    affine = None
+    if args.bits is None:
+        given = [f"--{n.replace('_', '-')}" for n in ("group_size", "recipe", "method", "calib")
+                 if getattr(args, n) is not None] + (["--fake-quant"] if args.fake_quant else [])
+        if given:
+            raise ConversionError(f"{', '.join(given)}: only valid with --bits 4|3")
+    else:
+        if args.llama_cpp or args.outtype != "f16":
+            raise ConversionError("--bits chooses the types itself; do not combine it with --outtype or --llama-cpp")
+        method = args.method or "rtn"
+        if args.calib is not None and method == "rtn":
+            raise ConversionError("--calib is used by --method awq or gptq, not rtn")
+        affine = AffineOptions(args.bits, args.group_size or 64, args.recipe or DEFAULT_AFFINE_RECIPE, method,
+                               Path(args.calib) if args.calib else DEFAULT_CALIB, args.fake_quant)
     bar = None
 
     def on_start(total: int) -> None:
@@ -53,7 +70,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     try:
         result = convert(args.folder, args.outfile, outtype=args.outtype, llama_cpp=args.llama_cpp,
-                         progress=progress, on_start=on_start)
+                         progress=progress, on_start=on_start, affine=affine)
     finally:
         if bar is not None:
             bar.close()
@@ -63,5 +80,6 @@ def cmd_convert(args: argparse.Namespace) -> int:
             kinds[t] = kinds.get(t, 0) + 1
         summary = ", ".join(f"{n} {t}" for t, n in sorted(kinds.items()))
         print(f"edgelm: wrote {result.path} ({result.nbytes / 1e6:.1f} MB, {result.n_tensors} tensors: "
-              f"{summary}) in {result.seconds:.1f} s", file=sys.stderr)
+              f"{summary}) in {result.seconds:.1f} s"
+              + (f" (calibration {result.calib_seconds:.1f} s)" if result.calib_seconds else ""), file=sys.stderr)
     return 0

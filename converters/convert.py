@@ -29,7 +29,11 @@ from .arch import PlannedTensor, apply_transform, plan_tensors
 from .errors import ConversionError
 from .hf_config import HFConfig, read_config
 from .quantize_ggml import quantize_rows
-from .recipe import FILE_TYPES, OUTTYPES, TensorSite, llama_cpp_type, outtype_type
+from .affine_pack import dequantize_q, pack
+from .calibrate import Calibration, calibrate
+from .quantize_affine import quantize_gptq, quantize_rtn
+from .recipe import (DEFAULT_AFFINE_RECIPE, FILE_TYPES, OUTTYPES, Affine, TensorSite, affine_type,
+                     llama_cpp_type, outtype_type)
 from .safetensors import Checkpoint
 from .tokenizer_meta import tokenizer_metadata
 
@@ -42,7 +46,8 @@ class ConversionResult:
     seconds: float
     n_tensors: int
     nbytes: int
-    types: dict[str, str]  # GGUF tensor name -> ggml type name
+    types: dict[str, str]  # GGUF tensor name -> ggml type name (or "INT4 g64" for affine ones)
+    calib_seconds: float = 0.0
 
 
 def _layer_of(name: str) -> int | None:
@@ -136,25 +141,75 @@ def _encode(w: np.ndarray, t: GGMLType) -> np.ndarray:
     return np.ascontiguousarray(w).reshape(-1).view(np.uint8)
 
 
-def _source(ckpt: Checkpoint, cfg: HFConfig, p: PlannedTensor, t: GGMLType) -> np.ndarray:
+def _source(ckpt: Checkpoint, cfg: HFConfig, p: PlannedTensor, t: GGMLType | Affine,
+            cal: Calibration | None = None) -> np.ndarray:
     """The tensor as float32 after its transform -- or, for a BF16 copy, its raw bits."""
+    if cal is not None and p.hf in cal.weights:  # rescaled by AWQ
+        return apply_transform(cal.weights[p.hf], p.transform, cfg)
     entry = ckpt[p.hf]
     if t is GGMLType.BF16 and entry.dtype == "BF16":
         return apply_transform(ckpt.raw(p.hf), p.transform, cfg)  # exact: no round trip
     return apply_transform(ckpt.float32(p.hf), p.transform, cfg)
 
 
+@dataclass(frozen=True)
+class AffineOptions:
+    """``--bits`` and friends: the affine INT4/INT3 format (see README, "Converting")."""
+
+    bits: int
+    group_size: int = 64
+    recipe: str = DEFAULT_AFFINE_RECIPE
+    method: str = "rtn"                     # rtn, awq, gptq
+    calib: Path | None = None               # calibration text for awq/gptq
+    fake_quant: bool = False                # store s*q+b as F16 instead: quality runs on any runtime
+    calibration: Calibration | None = None  # precomputed calibration (reused across variants)
+
+
+def _tensor_infos(name: str, shape: tuple[int, ...], t: GGMLType | Affine, fake: bool
+                  ) -> list[tuple[str, tuple[int, ...], GGMLType, int]]:
+    """(GGUF name, NumPy shape, ggml type, nbytes) of the tensors that store one planned tensor."""
+    if not isinstance(t, Affine):
+        return [(name, shape, t, int(np.prod(shape[:-1], dtype=np.int64)) * row_nbytes(t, shape[-1]))]
+    rows, cols = shape
+    if fake:
+        return [(name, shape, GGMLType.F16, rows * cols * 2)]
+    base = name.removesuffix(".weight")
+    groups = cols // t.group_size
+    return [(name, (rows, cols * t.bits // 32), GGMLType.I32, rows * cols * t.bits // 8),
+            (f"{base}.scales", (rows, groups), GGMLType.F16, rows * groups * 2),
+            (f"{base}.biases", (rows, groups), GGMLType.F16, rows * groups * 2)]
+
+
+def _affine_arrays(w: np.ndarray, t: Affine, hessian: np.ndarray | None, fake: bool) -> list[np.ndarray]:
+    """Quantize ``w`` (GPTQ when a Hessian is given, else RTN) -> the arrays to write, in order."""
+    if hessian is not None:
+        q, scales, biases = quantize_gptq(w, hessian, t.bits, t.group_size)
+    else:
+        q, scales, biases = quantize_rtn(w, t.bits, t.group_size)
+    if fake:
+        return [dequantize_q(q, scales, biases, t.group_size).astype(np.float16)]
+    return [pack(q, t.bits).view(np.int32), scales, biases]
+
+
+def _type_name(t: GGMLType | Affine) -> str:
+    return f"INT{t.bits} g{t.group_size}" if isinstance(t, Affine) else t.name
+
+
 def convert(folder: str | os.PathLike[str], out: str | os.PathLike[str], outtype: str = "f16",
             llama_cpp: bool = False, progress: Callable[[str, int], None] | None = None,
-            on_start: Callable[[int], None] | None = None) -> ConversionResult:
+            on_start: Callable[[int], None] | None = None,
+            affine: AffineOptions | None = None) -> ConversionResult:
     """Convert the checkpoint in ``folder`` to the GGUF file ``out``.
 
     ``outtype`` is one of f32, f16, bf16, q8_0; ``llama_cpp`` instead writes llama.cpp's Q4_K_M
-    types. ``on_start(total_bytes)`` and ``progress(tensor_name, nbytes)`` drive a progress bar.
+    types; ``affine`` writes the affine INT4/INT3 format with its recipe and method.
+    ``on_start(total_bytes)`` and ``progress(tensor_name, nbytes)`` drive a progress bar.
     Raises :class:`ConversionError` for any problem with the input or the output path.
     """
     if outtype not in OUTTYPES:
         raise ConversionError(f"unknown outtype {outtype!r}; choose one of {', '.join(OUTTYPES)}")
+    if affine is not None and affine.method not in ("rtn", "awq", "gptq"):
+        raise ConversionError(f"unknown method {affine.method!r}; choose one of rtn, awq, gptq")
     t0 = time.perf_counter()
     out = Path(out)
     tmp = check_output_path(out)
@@ -165,33 +220,40 @@ def convert(folder: str | os.PathLike[str], out: str | os.PathLike[str], outtype
     ckpt = Checkpoint(folder)
     try:
         plan = plan_tensors(cfg, ckpt)
-        tok_meta = tokenizer_metadata(folder, cfg.vocab_size, cfg.raw)
-        types: dict[str, GGMLType] = {}
+        types: dict[str, GGMLType | Affine] = {}
         for p in plan:
             site = TensorSite(p.gguf, p.shape, _layer_of(p.gguf), cfg.n_layers, cfg.tie_word_embeddings)
             try:
-                types[p.gguf] = llama_cpp_type(site) if llama_cpp else outtype_type(site, outtype)
+                if affine is not None:
+                    types[p.gguf] = affine_type(site, affine.bits, affine.group_size, affine.recipe)
+                else:
+                    types[p.gguf] = llama_cpp_type(site) if llama_cpp else outtype_type(site, outtype)
             except ValueError as exc:
                 raise ConversionError(f"{ckpt[p.hf].file}: {exc}") from None
+        tok_meta = tokenizer_metadata(folder, cfg.vocab_size, cfg.raw)
         extra = rope_freqs(cfg)
+        cal = _calibration(folder, plan, types, affine)
+        fake = affine is not None and affine.fake_quant
 
         writer = GGUFWriter(None, cfg.gguf_architecture)
         # config.json's _name_or_path is a hub id or a local path: its last part names the model.
         writer.add_name(Path(str(cfg.name)).name if cfg.name else folder.resolve().name)
         writer.add_type("model")
-        writer.add_file_type(FILE_TYPES["llama-cpp" if llama_cpp else outtype])
+        if affine is None:  # no llama.cpp file type describes the affine format
+            writer.add_file_type(FILE_TYPES["llama-cpp" if llama_cpp else outtype])
         writer.add_quantization_version(2)
         for key, value in {**model_metadata(cfg), **tok_meta}.items():
             _add_kv(writer, key, value)
+        if affine is not None:
+            _add_affine_kv(writer, affine, types)
         if extra is not None:
             writer.add_tensor_info("rope_freqs.weight", extra.shape, np.dtype(np.float32), extra.nbytes)
         total = 0
         for p in plan:
-            t = types[p.gguf]
-            nbytes = int(np.prod(p.shape[:-1], dtype=np.int64)) * row_nbytes(t, p.shape[-1])
-            total += nbytes
-            writer.add_tensor_info(p.gguf, p.shape, np.dtype(np.float32), nbytes,
-                                   raw_dtype=GGMLQuantizationType(int(t)))
+            for name, shape, t, nbytes in _tensor_infos(p.gguf, p.shape, types[p.gguf], fake):
+                total += nbytes
+                writer.add_tensor_info(name, shape, np.dtype(np.float32), nbytes,
+                                       raw_dtype=GGMLQuantizationType(int(t)))
         if on_start is not None:
             on_start(total)
         try:
@@ -202,11 +264,16 @@ def convert(folder: str | os.PathLike[str], out: str | os.PathLike[str], outtype
                 writer.write_tensor_data(extra)
             for p in plan:
                 t = types[p.gguf]
-                data = _encode(_source(ckpt, cfg, p, t), t)
-                writer.write_tensor_data(data)
+                w = _source(ckpt, cfg, p, t, cal)
+                if isinstance(t, Affine):
+                    arrays = _affine_arrays(w, t, cal.hessians.get(p.hf) if cal else None, fake)
+                else:
+                    arrays = [_encode(w, t)]
+                for data in arrays:
+                    writer.write_tensor_data(np.ascontiguousarray(data))
                 if progress is not None:
-                    progress(p.gguf, data.nbytes)
-                del data  # one tensor at a time: drop it before reading the next
+                    progress(p.gguf, sum(a.nbytes for a in arrays))
+                del w, arrays  # one tensor at a time: drop it before reading the next
             writer.close()
             os.replace(tmp, out)
         except BaseException:  # Ctrl-C included: never leave a half-written file behind
@@ -218,7 +285,39 @@ def convert(folder: str | os.PathLike[str], out: str | os.PathLike[str], outtype
     finally:
         ckpt.close()
     return ConversionResult(out, time.perf_counter() - t0, len(plan) + (extra is not None),
-                            out.stat().st_size, {k: v.name for k, v in types.items()})
+                            out.stat().st_size, {k: _type_name(v) for k, v in types.items()},
+                            cal.seconds if cal else 0.0)
+
+
+def _calibration(folder: Path, plan: list[PlannedTensor], types: dict[str, GGMLType | Affine],
+                 affine: AffineOptions | None) -> Calibration | None:
+    """Run (or reuse) the calibration that ``--method awq|gptq`` needs; None for RTN."""
+    if affine is None or affine.method == "rtn":
+        return None
+    if affine.calibration is not None:
+        if affine.calibration.method != affine.method:
+            raise ConversionError(f"calibration was made for {affine.calibration.method}, not {affine.method}")
+        return affine.calibration
+    if affine.calib is None:
+        raise ConversionError(f"--method {affine.method} needs a calibration text (--calib FILE)")
+    bits = {p.hf: t.bits for p in plan if isinstance(t := types[p.gguf], Affine)}
+    return calibrate(folder, Path(affine.calib), affine.method, bits.get, affine.group_size)
+
+
+def _add_affine_kv(writer: GGUFWriter, affine: AffineOptions, types: dict[str, GGMLType | Affine]) -> None:
+    """The ``edgelm.quantization.*`` keys of the affine format (docs: affine format spec, README)."""
+    writer.add_string("edgelm.quantization.method", affine.method)
+    writer.add_string("edgelm.quantization.recipe", affine.recipe)
+    writer.add_uint32("edgelm.quantization.group_size", affine.group_size)
+    writer.add_uint32("edgelm.quantization.bits", affine.bits)
+    if affine.fake_quant:
+        # The weights are already dequantized F16: no tensor is in the affine format.
+        writer.add_bool("edgelm.quantization.fake_quant", True)
+        return
+    names = [name for name, t in types.items() if isinstance(t, Affine)]
+    writer.add_array("edgelm.quantization.tensor_names", names)
+    writer.add_key_value("edgelm.quantization.tensor_bits", [types[n].bits for n in names],  # type: ignore[union-attr]
+                         GGUFValueType.ARRAY, sub_type=GGUFValueType.UINT32)
 
 
 def _add_kv(writer: GGUFWriter, key: str, value: Any) -> None:

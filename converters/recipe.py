@@ -77,3 +77,56 @@ def llama_cpp_type(site: TensorSite) -> GGMLType:
         if row % 32:
             raise ValueError(f"{site.name}: rows of {row} weights fit no ggml quantized type")
     return t
+
+
+# --- affine INT4/INT3 recipes (``--bits``) -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Affine:
+    """A tensor stored in the affine format: packed ``bits``-bit words plus f16 scales/biases."""
+
+    bits: int
+    group_size: int
+
+
+AFFINE_RECIPES: dict[str, str] = {
+    "uniform": "every 2-D weight at --bits; the embedding/output head in Q8_0",
+    "mixed": "as uniform, plus attn_v and ffn_down one notch up in llama.cpp's use_more_bits layers "
+             "(3 -> 4 bits affine; 4 -> Q6_K, Q8_0 where rows are not multiples of 256) [default]",
+    "mixed-all": "as mixed, but attn_v and ffn_down one notch up in every layer",
+    "mixed-l": "as mixed-all, and attn_output too (like llama.cpp's Q3_K_L): only q, k, gate, up at --bits",
+}
+DEFAULT_AFFINE_RECIPE = "mixed"
+
+
+def _notch_up(bits: int, group_size: int, row: int) -> GGMLType | Affine:
+    """One step more precision: 3 -> 4-bit affine; above that a llama.cpp 6/8-bit type."""
+    if bits < 4:
+        return Affine(bits + 1, group_size)
+    return GGMLType.Q6_K if row % QK_K == 0 else GGMLType.Q8_0
+
+
+def affine_type(site: TensorSite, bits: int, group_size: int, recipe: str) -> GGMLType | Affine:
+    """Type of ``site`` under ``--bits``/``--recipe``, like llama.cpp's _M presets and mlx-lm's mixed recipes.
+
+    The head (or tied embedding) is the most sensitive tensor and a lookup table for the
+    embedding, so it stays Q8_0 (F16 when rows are not multiples of 32). Raises ValueError when
+    the group size does not divide a row of an affine tensor.
+    """
+    if recipe not in AFFINE_RECIPES:
+        raise ValueError(f"unknown recipe {recipe!r}; choose one of {', '.join(AFFINE_RECIPES)}")
+    if len(site.shape) < 2:
+        return GGMLType.F32
+    row = site.shape[-1]
+    if site.name in ("token_embd.weight", "output.weight"):
+        return GGMLType.Q8_0 if row % 32 == 0 else GGMLType.F16
+    t: GGMLType | Affine = Affine(bits, group_size)
+    if site.layer is not None and site.name.endswith(("attn_v.weight", "ffn_down.weight")):
+        if recipe in ("mixed-all", "mixed-l") or (recipe == "mixed" and use_more_bits(site.layer, site.n_layers)):
+            t = _notch_up(bits, group_size, row)
+    if site.layer is not None and recipe == "mixed-l" and site.name.endswith("attn_output.weight"):
+        t = _notch_up(bits, group_size, row)
+    if isinstance(t, Affine) and row % group_size:
+        raise ValueError(f"{site.name}: rows of {row} weights are not a multiple of --group-size {group_size}")
+    return t

@@ -220,6 +220,6 @@ def test_cli_prints_one_line_and_exits_1(tmp_path, capsys):
     assert_clean(tmp_path)
 
 
-def test_cli_affine_flags_are_not_implemented_yet(tmp_path, capsys):
-    assert main(["convert", str(tmp_path), "-o", str(tmp_path / "o.gguf"), "--bits", "4"]) == 1
-    assert "not implemented yet" in capsys.readouterr().err
+def test_cli_bits_do_not_combine_with_outtype(tmp_path, capsys):
+    assert main(["convert", str(tmp_path), "-o", str(tmp_path / "o.gguf"), "--bits", "4", "--outtype", "q8_0"]) == 1
+    assert "do not combine" in capsys.readouterr().err
