@@ -18,6 +18,7 @@ import edgelm
 
 from ..models.registry import DEFAULT_MODEL, REGISTRY, pull, resolve
 from ..runtime.errors import ContextOverflowError, EdgeLMError
+from ..runtime.kv_cache import DEFAULT_RESIDUAL
 from ..kernels.kvquant import KV_BITS
 from ..runtime.perplexity import combine_segments, iter_perplexity, iter_streaming_perplexity
 from ..runtime.sampling import SamplingParams
@@ -49,13 +50,15 @@ def model_arguments() -> argparse.ArgumentParser:
     g.add_argument("--kv-window", type=int, default=None, metavar="N",
                    help="StreamingLLM: keep the N most recent tokens plus the sinks, evict older ones")
     g.add_argument("--n-sink", type=int, default=4, help="attention-sink tokens kept with --kv-window (default: %(default)s)")
+    g.add_argument("--kv-residual", type=int, default=DEFAULT_RESIDUAL, metavar="N",
+                   help="quantized cache: tokens kept at 16 bits after their key group of 32 fills (default: %(default)s)")
     return p
 
 
 def kv_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """The KV cache keywords of ``edgelm.load`` from the flags of :func:`model_arguments`."""
     return {"kv_bits": args.kv_bits, "kv_bits_k": args.kv_bits_k, "kv_bits_v": args.kv_bits_v,
-            "kv_window": args.kv_window, "n_sink": args.n_sink}
+            "kv_window": args.kv_window, "n_sink": args.n_sink, "kv_residual": args.kv_residual}
 
 
 def sampling_arguments() -> argparse.ArgumentParser:

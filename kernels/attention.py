@@ -17,30 +17,70 @@ distance c - k is then already right. For sink keys (stored at positions 0 .. n_
 query must sit at its position within the cache, min(c, n_sink + window - 1): the forward pass
 rotates a second copy of each query (``qs``) to that position. Nothing stored is ever rotated
 again, so eviction never touches the rows that stay.
+
+A quantized cache (``runtime/kv_cache``) also keeps 16-bit copies of its most recent tokens:
+a query at counter c reads the key and value of counter k from the 16-bit copy while
+c - end(k) < residual, where end(k) is the last counter of k's key group (so a group is read
+quantized only once it is complete), and from the quantized store after that. The choice
+depends on (k, c) alone -- never on what was written or trimmed before -- so rolling back
+and re-evaluating gives the same logits, and while every key a query sees is recent, it
+computes exactly what a 16-bit cache computes, bit for bit.
 """
 from __future__ import annotations
 
 import numpy as np
 from numba import njit
 
-from .kvquant import hadamard_groups, load_row
+from .kvquant import KV_GROUP, hadamard_groups, key_group_params, key_group_query, load_key_codes, load_row
 
 QUERY_BLOCK = 16  # queries per work item: scratch is QUERY_BLOCK x cache slots floats per thread
 _HIDDEN = np.float32(-1e30)  # score of a key a query may not see (finite: fastmath assumes no inf)
 
 
+@njit(nogil=True, inline="always", cache=True)
+def _visible(ck, c0, i0, i1, n_sink, window):
+    """The queries [lo, hi) of the block [i0, i1) that see the key at counter ck (query i has
+    counter c0 + i): an empty range for an empty slot (ck < 0)."""
+    if ck < 0:
+        return i0, i0
+    lo = max(i0, ck - c0)
+    hi = i1 if ck < n_sink else min(i1, ck + window - c0)
+    return lo, hi
+
+
+@njit(nogil=True, inline="always", cache=True)
+def group_end(ck, n_sink):
+    """Counter of the last token of the key group of counter ck: sinks form groups of their own
+    (slots 0 ..), window tokens groups of 32 from counter n_sink on (the ring is aligned to 32)."""
+    if ck < n_sink:
+        return min(n_sink - 1, ck // KV_GROUP * KV_GROUP + KV_GROUP - 1)
+    return n_sink + (ck - n_sink) // KV_GROUP * KV_GROUP + KV_GROUP - 1
+
+
+@njit(nogil=True, inline="always", cache=True)
+def _recent_until(ck, c0, lo, hi, n_sink, residual):
+    """Queries [lo, split) of [lo, hi) read the 16-bit copy of the key at counter ck; the rest
+    read the quantized store."""
+    return min(hi, max(lo, group_end(ck, n_sink) + residual - c0))
+
+
 @njit(nogil=True, fastmath=True, cache=True)
-def attend_block(q, qs, att, i0, i1, h, hd, kc, vc, kbits, vbits, kvh, c0, slot_pos, n_slots,
-                 n_sink, window, S, row):
+def attend_block(q, qs, att, i0, i1, h, hd, kc, vc, rk, rv, kbits, vbits, kvh, c0, slot_pos, n_slots,
+                 n_sink, window, residual, n_recent, S, row, gaq, gdm, gdone, vacc):
     """att[i, h*hd:(h+1)*hd] = softmax(q_i . K^T / sqrt(hd)) V for queries i in [i0, i1).
 
     q, qs, att: f32 [n, q_dim]; query i has counter c0 + i; qs is q rotated for the sinks
                 (the same array as q when nothing has been evicted).
-    kc, vc: uint8 [n_kv_heads, slots, row bytes] of one layer, rows at kbits / vbits (quantized
-            rows hold Hadamard-rotated vectors, and so do q and qs then: see kvquant).
+    kc:     uint8 [n_kv_heads, slots, 2 hd] 16-bit rows, or at kbits < 16
+            [n_kv_heads, slots // 32, key group bytes] key groups (kvquant)
+    vc:     uint8 [n_kv_heads, slots, row bytes] rows at vbits (Hadamard basis below 16 bits).
+    rk, rv: uint8 [n_kv_heads, n_recent, 2 hd] 16-bit copies of recent tokens, the token at
+            counter k in row k % n_recent (n_recent == 0: a 16-bit cache, no copies).
     slot_pos: int64 [slots] counter of the token in each slot (-1: empty); slots >= n_slots unused.
     S:      f32 [>= i1 - i0, >= n_slots] scratch (scores, then probabilities).
-    row:    f32 [hd] scratch (one key or value row in f32).
+    row:    f32 [hd]; gdm: f32 [2, hd] a key group's scales and minima; gaq: f32 [QUERY_BLOCK,
+            hd + 1] each query folded with them (key_group_query); gdone: int32 [QUERY_BLOCK + 1];
+    vacc:   f32 [QUERY_BLOCK, hd] scratch.
     """
     # Every inner loop indexes a 1-D view with its own loop counter: LLVM can then prove the
     # index non-negative, drop numba's negative-index wraparound and vectorize the loop.
@@ -51,22 +91,46 @@ def attend_block(q, qs, att, i0, i1, h, hd, kc, vc, kbits, vbits, kvh, c0, slot_
         Si = S[i, :n_slots]
         for t in range(n_slots):
             Si[t] = _HIDDEN
-    for t in range(n_slots):
-        ck = slot_pos[t]
-        if ck < 0:
-            continue
-        lo = max(i0, ck - c0)
-        hi = i1 if ck < n_sink else min(i1, ck + window - c0)
-        if lo >= hi:
-            continue
-        load_row(kc[kvh, t], kbits, row, hd)
-        qq = qs if ck < n_sink else q
-        for i in range(lo, hi):
-            qi = qq[i, qb:qb + hd]
-            s = np.float32(0.0)
-            for j in range(hd):
-                s += qi[j] * row[j]
-            S[i - i0, t] = s * scale
+
+    # ---- scores, one key group (32 slots) at a time: a row is decoded once for all queries ----
+    for g in range((n_slots + KV_GROUP - 1) // KV_GROUP):
+        for i in range(nq + 1):
+            gdone[i] = 0
+        for t in range(g * KV_GROUP, min(n_slots, (g + 1) * KV_GROUP)):
+            ck = slot_pos[t]
+            lo, hi = _visible(ck, c0, i0, i1, n_sink, window)
+            if lo >= hi:
+                continue
+            qq = qs if ck < n_sink else q
+            if kbits == 16:
+                src, split = kc[kvh, t], hi
+            else:
+                src, split = rk[kvh, ck % n_recent], _recent_until(ck, c0, lo, hi, n_sink, residual)
+            if split > lo:
+                load_row(src, 16, row, hd)
+                for i in range(lo, split):
+                    qi = qq[i, qb:qb + hd]
+                    s = np.float32(0.0)
+                    for j in range(hd):
+                        s += qi[j] * row[j]
+                    S[i - i0, t] = s * scale
+            if hi > split:  # the quantized key group: fold its scales into each query once
+                if gdone[nq] == 0:
+                    key_group_params(kc[kvh, g], kbits, hd, gdm)
+                    gdone[nq] = 1
+                for i in range(split, hi):
+                    if gdone[i - i0] == 0:
+                        gaq[i - i0, hd] = key_group_query(gdm, qq[i], qb, hd, gaq[i - i0])
+                        gdone[i - i0] = 1
+                load_key_codes(kc[kvh, g], kbits, t - g * KV_GROUP, row, hd)
+                for i in range(split, hi):
+                    ai = gaq[i - i0, :hd]
+                    s = np.float32(0.0)
+                    for j in range(hd):
+                        s += ai[j] * row[j]
+                    S[i - i0, t] = (s + gaq[i - i0, hd]) * scale
+
+    # ---- softmax ----
     for i in range(nq):
         Si = S[i, :n_slots]
         m = _HIDDEN
@@ -81,20 +145,37 @@ def attend_block(q, qs, att, i0, i1, h, hd, kc, vc, kbits, vbits, kvh, c0, slot_
         for t in range(n_slots):
             Si[t] *= inv
         att[i0 + i, qb:qb + hd] = 0.0
+        if vbits != 16:
+            vacc[i, :hd] = 0.0
+
+    # ---- values: 16-bit rows into att, quantized rows (Hadamard basis) into vacc ----
     for t in range(n_slots):
         ck = slot_pos[t]
-        if ck < 0:
-            continue
-        lo = max(i0, ck - c0)
-        hi = i1 if ck < n_sink else min(i1, ck + window - c0)
+        lo, hi = _visible(ck, c0, i0, i1, n_sink, window)
         if lo >= hi:
             continue
-        load_row(vc[kvh, t], vbits, row, hd)
-        for i in range(lo, hi):
-            p = S[i - i0, t]
-            ai = att[i, qb:qb + hd]
+        if vbits == 16:
+            src, split = vc[kvh, t], hi
+        else:
+            src, split = rv[kvh, ck % n_recent], _recent_until(ck, c0, lo, hi, n_sink, residual)
+        if split > lo:
+            load_row(src, 16, row, hd)
+            for i in range(lo, split):
+                p = S[i - i0, t]
+                ai = att[i, qb:qb + hd]
+                for j in range(hd):
+                    ai[j] += p * row[j]
+        if hi > split:
+            load_row(vc[kvh, t], vbits, row, hd)
+            for i in range(split, hi):
+                p = S[i - i0, t]
+                ai = vacc[i - i0, :hd]
+                for j in range(hd):
+                    ai[j] += p * row[j]
+    if vbits != 16:  # rotate the quantized values' share back and add it
+        for i in range(nq):
+            ai = vacc[i, :hd]
+            hadamard_groups(ai, 0, hd)
+            out = att[i0 + i, qb:qb + hd]
             for j in range(hd):
-                ai[j] += p * row[j]
-    if vbits != 16:  # quantized values are stored in the Hadamard basis: rotate the sum back
-        for i in range(i0, i1):
-            hadamard_groups(att[i], qb, hd)
+                out[j] += ai[j]

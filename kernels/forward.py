@@ -19,8 +19,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .attention import QUERY_BLOCK, attend_block
-from .kvquant import hadamard_groups, store_row
+from .attention import QUERY_BLOCK, attend_block, group_end
+from .kvquant import KV_GROUP, hadamard_groups, store_key_group, store_row
 from .lowlevel import spin_barrier
 # Column layout of the int64 weight tables (one row per tensor): qdispatch's W_* columns.
 from .qdispatch import W_COLS, W_OFFSET, W_ROWS, W_TYPE, dequantize_rows_t, matmul_t, matvec_t  # noqa: F401
@@ -29,7 +29,7 @@ S_Q, S_K, S_V, S_O, S_GATE, S_UP, S_DOWN = 0, 1, 2, 3, 4, 5, 6
 # Integer hyperparameters (icfg) -- see runtime/numba_backend.py, which fills them.
 C_DIM, C_LAYERS, C_HEADS, C_KV_HEADS, C_HEAD_DIM, C_HIDDEN, C_VOCAB, C_ROPE_DIM, C_NEOX, C_BIAS = range(10)
 # The KV cache's description of one pass (kvcfg) -- see runtime/kv_cache.py, which fills it.
-K_KBITS, K_VBITS, K_SINKS, K_WINDOW, K_SLOTS, K_SINK_QUERIES = range(6)
+K_KBITS, K_VBITS, K_SINKS, K_WINDOW, K_SLOTS, K_SINK_QUERIES, K_RESIDUAL, K_RECENT = range(8)
 
 
 @njit(nogil=True, inline="always", cache=True)
@@ -83,9 +83,9 @@ def _rope(vec, base, cos, sin, rope_dim, neox):
 @njit(nogil=True, fastmath=True, cache=True)
 def forward_worker(tid, nthr, sync,
                    blob, wtab, gtab, norms, bias, out_norm, icfg, eps,
-                   tokens, pos0, cos, sin, cos_s, sin_s, kcache, vcache, kvcfg, slots, slot_pos,
-                   x, xb, q, qs, k, v, att, tmp, hb, hb2, scores, row,
-                   logits_from, logits):
+                   tokens, pos0, cos, sin, cos_s, sin_s, kcache, vcache, rkcache, rvcache, kvcfg,
+                   slots, slot_pos, x, xb, q, qs, k, v, att, tmp, hb, hb2, scores, row, gaq, gdm,
+                   gdone, vacc, logits_from, logits):
     """Thread ``tid`` of ``nthr``'s part of one forward pass over ``n = len(tokens)`` tokens.
 
     blob:   uint8  [file size]            the memory-mapped GGUF (weights are views into it)
@@ -97,13 +97,20 @@ def forward_worker(tid, nthr, sync,
     tokens: int64  [n]; their counters (positions in the sequence) are pos0 .. pos0 + n - 1
     cos/sin: f32   [n, rope_dim // 2]     rotation of each token's counter
     cos_s/sin_s: f32 [n, rope_dim // 2]   rotation of each query for the attention sinks
-    kcache/vcache: uint8 [n_layers, n_kv_heads, slots, row bytes]  rows at kvcfg's bits
-    kvcfg:  int64  [6]                    kbits, vbits, n_sink, window, slots in use, sink queries?
+    kcache: uint8  [n_layers, n_kv_heads, slots, 2 hd] 16-bit key rows, or at kbits < 16
+                   [n_layers, n_kv_heads, slots // 32, key group bytes] key groups (kvquant)
+    vcache: uint8  [n_layers, n_kv_heads, slots, row bytes]  value rows at vbits
+    rkcache/rvcache: uint8 [n_layers, n_kv_heads, n_recent, 2 hd]  16-bit copies of recent tokens
+                   (row counter % n_recent) in a quantized cache; n_recent == 0 otherwise
+    kvcfg:  int64  [8]                    kbits, vbits, n_sink, window, slots in use, sink queries?,
+                                          residual, n_recent (kernels/attention)
     slots:  int64  [n]                    cache slot of each token; slot_pos: int64 [slots] counters
     x, xb:  f32    [n, dim]               residual stream, normed copy
     q, qs:  f32    [n, q_dim];  k, v: f32 [n, kv_dim];  att: f32 [n, q_dim]
     tmp:    f32    [n, dim];    hb, hb2: f32 [n, hidden]
     scores: f32    [nthr, QUERY_BLOCK, n_ctx]  per-thread attention scratch; row: f32 [nthr, head_dim]
+    gaq: f32 [nthr, QUERY_BLOCK, hd + 1]; gdm: f32 [nthr, 2, hd]; gdone: int32 [nthr, QUERY_BLOCK + 1];
+    vacc: f32 [nthr, QUERY_BLOCK, hd]      attention scratch (kernels/attention)
     logits: f32    [n - logits_from, vocab]  written for tokens logits_from .. n-1
     """
     n = tokens.shape[0]
@@ -112,6 +119,13 @@ def forward_worker(tid, nthr, sync,
     rope_dim, neox, has_bias = icfg[C_ROPE_DIM], icfg[C_NEOX] != 0, icfg[C_BIAS] != 0
     kbits, vbits, n_sink, window = kvcfg[K_KBITS], kvcfg[K_VBITS], kvcfg[K_SINKS], kvcfg[K_WINDOW]
     n_slots, sink_queries = kvcfg[K_SLOTS], kvcfg[K_SINK_QUERIES] != 0
+    residual, n_recent = kvcfg[K_RESIDUAL], kvcfg[K_RECENT]
+    # Key groups this pass completes (each is quantized once, after all its rows are written).
+    completed = 0
+    if kbits != 16:
+        for i in range(n):
+            if pos0 + i == group_end(pos0 + i, n_sink):
+                completed += 1
     q_dim, kv_dim = n_heads * hd, n_kv * hd
     group = n_heads // n_kv
     n_blocks = (n + QUERY_BLOCK - 1) // QUERY_BLOCK
@@ -124,7 +138,7 @@ def forward_worker(tid, nthr, sync,
 
     for layer in range(n_layers):
         wl = wtab[layer]
-        kc, vc = kcache[layer], vcache[layer]
+        kc, vc, rk, rv = kcache[layer], vcache[layer], rkcache[layer], rvcache[layer]
 
         # ---- attention ----
         _rmsnorm_rows(x, norms[layer, 0], eps, xb, t0, t1)
@@ -143,16 +157,20 @@ def forward_worker(tid, nthr, sync,
                     v[i, r] += b[q_dim + kv_dim + r]
         spin_barrier(sync, nthr)
 
-        # RoPE on this thread's (token, head) pairs; keys and values go into their cache slots.
+        # RoPE on this thread's (token, head) pairs; keys and values go into their cache slots
+        # (and, in a quantized cache, 16-bit copies into the recent rows).
         a0, a1 = _share(n * n_kv, tid, nthr)
         for item in range(a0, a1):
             i, h = item // n_kv, item % n_kv
             _rope(k[i], h * hd, cos[i], sin[i], rope_dim, neox)
-            if kbits != 16:  # quantized rows are stored in the Hadamard basis (kvquant)
-                hadamard_groups(k[i], h * hd, hd)
-            if vbits != 16:
+            if n_recent > 0:
+                r = (pos0 + i) % n_recent
+                store_row(rk[h, r], 16, k[i], h * hd, hd)
+                store_row(rv[h, r], 16, v[i], h * hd, hd)
+            if kbits == 16:
+                store_row(kc[h, slots[i]], 16, k[i], h * hd, hd)
+            if vbits != 16:  # quantized value rows are stored in the Hadamard basis (kvquant)
                 hadamard_groups(v[i], h * hd, hd)
-            store_row(kc[h, slots[i]], kbits, k[i], h * hd, hd)
             store_row(vc[h, slots[i]], vbits, v[i], h * hd, hd)
         a0, a1 = _share(n * n_heads, tid, nthr)
         for item in range(a0, a1):
@@ -161,12 +179,21 @@ def forward_worker(tid, nthr, sync,
                 for j in range(hd):
                     qs[i, h * hd + j] = q[i, h * hd + j]
                 _rope(qs[i], h * hd, cos_s[i], sin_s[i], rope_dim, neox)
-                if kbits != 16:
-                    hadamard_groups(qs[i], h * hd, hd)
             _rope(q[i], h * hd, cos[i], sin[i], rope_dim, neox)
-            if kbits != 16:
-                hadamard_groups(q[i], h * hd, hd)
         spin_barrier(sync, nthr)
+        if completed > 0:  # quantize the key groups whose last token this pass wrote
+            item = 0
+            for i in range(n):
+                c = pos0 + i
+                if c != group_end(c, n_sink):
+                    continue
+                first = c // KV_GROUP * KV_GROUP if c < n_sink else c - (KV_GROUP - 1)
+                for h in range(n_kv):
+                    if item % nthr == tid:
+                        store_key_group(kc[h, slots[i] // KV_GROUP], kbits, rk[h], first, c - first + 1,
+                                        n_recent, hd)
+                    item += 1
+            spin_barrier(sync, nthr)
 
         # Attention: (query block, head) items dealt round-robin, since later blocks see more
         # keys and cost more.
@@ -174,8 +201,9 @@ def forward_worker(tid, nthr, sync,
             blk, h = item // n_heads, item % n_heads
             i0 = blk * QUERY_BLOCK
             attend_block(q, qs if sink_queries else q, att, i0, min(n, i0 + QUERY_BLOCK), h, hd,
-                         kc, vc, kbits, vbits, h // group, pos0, slot_pos, n_slots, n_sink, window,
-                         scores[tid], row[tid])
+                         kc, vc, rk, rv, kbits, vbits, h // group, pos0, slot_pos, n_slots, n_sink,
+                         window, residual, n_recent, scores[tid], row[tid], gaq[tid], gdm[tid], gdone[tid],
+                         vacc[tid])
         spin_barrier(sync, nthr)
 
         r0, r1 = _project(blob, wl[S_O], att, tmp, n, tid, nthr)

@@ -9,6 +9,10 @@ One class covers every kind the issue asks for, because they compose: keys and v
 16, 8 or 4 bits (``kernels/kvquant``), and optionally StreamingLLM eviction: ``n_sink`` attention
 sinks kept forever plus a rolling ``window`` of the most recent tokens. How attention sees
 positions within the cache is explained in ``kernels/attention``.
+
+A quantized cache follows KIVI: keys per channel in groups of 32 tokens, values per token, and
+the most recent tokens also at 16 bits -- every token until its key group is complete, then
+``residual`` tokens more -- which attention reads instead of the quantized store.
 """
 from __future__ import annotations
 
@@ -18,10 +22,11 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from ..kernels.kvquant import KV_BITS, row_bytes
+from ..kernels.kvquant import KV_BITS, KV_GROUP, key_group_bytes, row_bytes
 from .errors import ContextOverflowError
 
 UNBOUNDED = 2**62  # n_ctx / window of a cache that never runs out of positions
+DEFAULT_RESIDUAL = 32  # see KVSpec.residual
 
 
 def lazy_zeros(shape: tuple[int, ...], dtype: np.dtype | type) -> np.ndarray:
@@ -77,6 +82,7 @@ class KVSpec:
     bits_v: int = 16
     window: int | None = None  # None: keep everything (the context length bounds the sequence)
     n_sink: int = 4
+    residual: int = DEFAULT_RESIDUAL  # quantized caches: tokens kept at 16 bits after their key group completes
 
     def __post_init__(self) -> None:
         for name, bits in (("kv_bits_k", self.bits_k), ("kv_bits_v", self.bits_v)):
@@ -86,20 +92,36 @@ class KVSpec:
             raise ValueError(f"kv_window must be a positive number of tokens, got {self.window}")
         if self.n_sink < 0:
             raise ValueError(f"n_sink must be >= 0, got {self.n_sink}")
+        if self.residual < 0:
+            raise ValueError(f"kv_residual must be >= 0, got {self.residual}")
+
+    @property
+    def quantized(self) -> bool:
+        return self.bits_k != 16 or self.bits_v != 16
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
 class SlotKVCache:
     """Keys and values of every layer in slots of fixed-size rows (the numba backend's cache).
 
-    k, v: uint8 [n_layers, n_kv_heads, slots, row bytes] on lazily committed pages
-    (:func:`lazy_zeros`): memory grows with the tokens written, not with the slot count.
+    k: uint8 [n_layers, n_kv_heads, slots, 2 head_dim] 16-bit rows, or for quantized keys
+       [n_layers, n_kv_heads, slots // 32, key group bytes] groups of 32 slots (kvquant);
+    v: uint8 [n_layers, n_kv_heads, slots, row bytes];
+    rk, rv: uint8 [n_layers, n_kv_heads, n_recent, 2 head_dim] 16-bit copies of the most recent
+       tokens of a quantized cache, the token at position p in row p % n_recent (n_recent = 0
+       for a 16-bit cache). All on lazily committed pages (:func:`lazy_zeros`): memory grows
+       with the tokens written, not with the slot count.
     slot_pos: int64 [slots], the position of the token in each slot (-1: empty).
 
     Without a window, the token at position p sits in slot p. With one, positions below
     ``n_sink`` take slots 0 .. n_sink - 1 and the rest go round a ring of ``window + max_batch``
-    slots: a batch of up to ``max_batch`` tokens fits without evicting anything one of its
-    queries still sees, and ``trim`` can roll back that many tokens exactly (speculative
-    decoding gets the same output with and without eviction).
+    slots (for quantized keys, whole key groups starting at a multiple of 32): a batch of up to
+    ``max_batch`` tokens fits without evicting anything one of its queries still sees, and
+    ``trim`` can roll back that many tokens exactly (speculative decoding gets the same output
+    with and without eviction).
     """
 
     def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, n_ctx: int,
@@ -107,19 +129,35 @@ class SlotKVCache:
         self.spec = spec
         self.head_dim = head_dim
         self.max_batch = max_batch
+        align = KV_GROUP if spec.bits_k != 16 else 1  # key groups take whole runs of 32 slots
         if spec.window is None:
             self.n_ctx, self.n_sink, self.window = n_ctx, 0, UNBOUNDED
-            self._ring, slots = 0, n_ctx
+            self._ring, self._ring_start, slots = 0, 0, _round_up(n_ctx, align)
         else:
             self.n_ctx, self.n_sink, self.window = UNBOUNDED, spec.n_sink, spec.window
-            self._ring = spec.window + max_batch
-            slots = spec.n_sink + self._ring
-        kb, vb = row_bytes(spec.bits_k, head_dim), row_bytes(spec.bits_v, head_dim)
-        self.k = lazy_zeros((n_layers, n_kv_heads, slots, kb), np.uint8)
+            self._ring = _round_up(spec.window + max_batch, align)
+            self._ring_start = _round_up(spec.n_sink, align)
+            slots = self._ring_start + self._ring
+        row16 = row_bytes(16, head_dim)
+        if spec.bits_k == 16:
+            kb = row16
+            self.k = lazy_zeros((n_layers, n_kv_heads, slots, kb), np.uint8)
+        else:
+            kb = key_group_bytes(spec.bits_k, head_dim) // KV_GROUP
+            self.k = lazy_zeros((n_layers, n_kv_heads, slots // KV_GROUP, kb * KV_GROUP), np.uint8)
+        vb = row_bytes(spec.bits_v, head_dim)
         self.v = lazy_zeros((n_layers, n_kv_heads, slots, vb), np.uint8)
+        # Recent rows: a query reads them for keys up to residual + 31 positions back, while a
+        # batch of max_batch writes ahead of it (see kernels/attention).
+        self.n_recent = _round_up(spec.residual + KV_GROUP + max_batch, KV_GROUP) if spec.quantized else 0
+        self.rk = lazy_zeros((n_layers, n_kv_heads, self.n_recent, row16), np.uint8)
+        self.rv = lazy_zeros((n_layers, n_kv_heads, self.n_recent, row16), np.uint8)
+        self._recent_bytes_per_token = n_layers * n_kv_heads * 2 * row16 if spec.quantized else 0
         self.slot_pos = np.full(slots, -1, dtype=np.int64)
         self._bytes_per_token = n_layers * n_kv_heads * (kb + vb)
         self._pending = np.zeros(0, dtype=np.int64)
+        self._kvcfg = np.array([spec.bits_k, spec.bits_v, self.n_sink, self.window, 0, 0,
+                                spec.residual, self.n_recent], dtype=np.int64)
         self.reset()
 
     # ---- state ----
@@ -149,7 +187,9 @@ class SlotKVCache:
 
     @property
     def nbytes(self) -> int:
-        return self.held * self._bytes_per_token
+        """Bytes of the tokens held, plus their 16-bit copies in a quantized cache."""
+        recent = min(self._offset, self.n_recent) * self._recent_bytes_per_token
+        return self.held * self._bytes_per_token + recent
 
     @property
     def slots(self) -> int:
@@ -157,14 +197,18 @@ class SlotKVCache:
 
     @property
     def max_trim(self) -> int:
-        if self._evicted == 0:
-            return self._offset
-        # The next query must still see the window - 1 tokens before it.
-        return max(0, self._ring_held - (self.window - 1))
+        n = self._offset
+        if self._evicted:
+            # The next query must still see the window - 1 tokens before it.
+            n = max(0, self._ring_held - (self.window - 1))
+        if self.n_recent:
+            # ... and the 16-bit copies of its recent tokens, which later writes overwrite.
+            n = min(n, self.max_batch)
+        return n
 
     # ---- writing ----
     def _slot(self, ring_index: int) -> int:
-        return self.n_sink + ring_index % self._ring
+        return self._ring_start + ring_index % self._ring
 
     def reserve(self, n: int) -> int:
         """Assign slots to the next ``n`` tokens (evicting the oldest window tokens if needed);
@@ -214,9 +258,10 @@ class SlotKVCache:
         return np.minimum(positions, last)
 
     def kvcfg(self, sink_queries: bool) -> np.ndarray:
-        """The int64 description the compiled forward pass reads (``kernels.forward.K_*``)."""
-        return np.array([self.spec.bits_k, self.spec.bits_v, self.n_sink, self.window, self._high,
-                         int(sink_queries)], dtype=np.int64)
+        """The int64 description the compiled forward pass reads (``kernels.forward.K_*``);
+        one array per cache, updated in place (a decode step allocates nothing here)."""
+        self._kvcfg[4], self._kvcfg[5] = self._high, int(sink_queries)
+        return self._kvcfg
 
     def update(self, n: int) -> None:
         if n != len(self._pending):

@@ -27,7 +27,7 @@ from ..models.registry import resolve
 from .chat_template import ChatTemplate
 from .errors import ContextOverflowError
 from .generate import GenerationStats, generate_tokens
-from .kv_cache import KVSpec
+from .kv_cache import DEFAULT_RESIDUAL, KVSpec
 from .gguf import GGUFFile
 from .numba_backend import NumbaBackend
 from .sampling import Sampler, SamplingParams, StopMatcher
@@ -201,15 +201,19 @@ class Model:
 
 def load(model: str | os.PathLike = "smollm2-135m-instruct", threads: int | None = None,
          n_ctx: int | None = None, kv_bits: int = 16, kv_bits_k: int | None = None,
-         kv_bits_v: int | None = None, kv_window: int | None = None, n_sink: int = 4) -> Model:
+         kv_bits_v: int | None = None, kv_window: int | None = None, n_sink: int = 4,
+         kv_residual: int = DEFAULT_RESIDUAL) -> Model:
     """Load a model by short name or GGUF path (pulling a known default on first use).
 
     ``kv_bits`` (16, 8 or 4) sets how keys and values are cached; ``kv_bits_k``/``kv_bits_v``
     override it for one of them. ``kv_window=N`` turns on StreamingLLM eviction: ``n_sink`` first
     tokens plus the ``N`` most recent are kept, and a conversation can go on past ``n_ctx``.
+    A quantized cache keeps each token at 16 bits until its key group of 32 is complete and
+    ``kv_residual`` tokens beyond (KIVI's full-precision residual).
     """
     kv = KVSpec(bits_k=kv_bits if kv_bits_k is None else kv_bits_k,
-                bits_v=kv_bits if kv_bits_v is None else kv_bits_v, window=kv_window, n_sink=n_sink)
+                bits_v=kv_bits if kv_bits_v is None else kv_bits_v, window=kv_window, n_sink=n_sink,
+                residual=kv_residual)
     path = resolve(model)
     gguf = GGUFFile(path)
     args = model_args(gguf.metadata, set(gguf.tensors), gguf.tensor)

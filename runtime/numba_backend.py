@@ -40,11 +40,11 @@ def rope_tables(positions: np.ndarray, args: ModelArgs) -> tuple[np.ndarray, np.
     """
     half = args.rope_dim // 2
     scale = np.float32(args.rope_theta) ** np.float32(-2.0 / args.rope_dim)
-    theta = positions.astype(np.float32)
+    # [pos, scale, scale, ...] multiplied left to right in float32: the same roundings as ggml's loop
     angles = np.empty((len(positions), half), dtype=np.float32)
-    for j in range(half):
-        angles[:, j] = theta
-        theta = theta * scale
+    angles[:, 0] = positions
+    angles[:, 1:] = scale
+    np.cumprod(angles, axis=1, out=angles)
     if args.rope_freq_factors is not None:
         angles /= np.asarray(args.rope_freq_factors, dtype=np.float32)[:half]
     return np.cos(angles), np.sin(angles)
@@ -148,7 +148,11 @@ class NumbaBackend:
                     np.zeros((n, a.dim), f32),                                   # tmp
                     np.zeros((n, a.hidden_dim), f32), np.zeros((n, a.hidden_dim), f32),  # hb, hb2
                     np.zeros((self.team.nthreads, min(n, QUERY_BLOCK), slots), f32),  # scores
-                    np.zeros((self.team.nthreads, a.head_dim), f32))              # row
+                    np.zeros((self.team.nthreads, a.head_dim), f32),              # row
+                    np.zeros((self.team.nthreads, QUERY_BLOCK, a.head_dim + 1), f32),  # gaq
+                    np.zeros((self.team.nthreads, 2, a.head_dim), f32),           # gdm
+                    np.zeros((self.team.nthreads, QUERY_BLOCK + 1), np.int32),    # gdone
+                    np.zeros((self.team.nthreads, QUERY_BLOCK, a.head_dim), f32))  # vacc
             if n == 1:
                 self._buffers[key] = bufs
         return bufs
@@ -187,7 +191,7 @@ class NumbaBackend:
         x, xb, q, qs, *rest = self._scratch(n, cache.slots)
         self.team.run(forward_worker, self._blob, self._wtab, self._gtab, self._norms, self._bias,
                       self._out_norm, self._icfg, self._eps, toks, pos0, cos, sin, cos_s, sin_s,
-                      cache.k, cache.v, cache.kvcfg(sink_pos is not None), cache.pending_slots,
+                      cache.k, cache.v, cache.rk, cache.rv, cache.kvcfg(sink_pos is not None), cache.pending_slots,
                       cache.slot_pos, x, xb, q, qs, *rest, logits_from, logits)
         cache.update(n)
 
