@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import mmap
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
@@ -238,3 +238,25 @@ class SlotKVCache:
         if self.spec.window is None:
             self._high = self._offset
         return n
+
+
+def reuse_prefix(cache: KVCache, history: list[int], ids: Sequence[int]) -> int:
+    """Trim ``cache`` (which holds the tokens ``history``) to the longest prefix it shares with
+    ``ids``; returns that prefix's length. ``history`` is cut to match, in place.
+
+    At least one token of ``ids`` is left to evaluate (the next token needs its logits), and a
+    prefix that has rolled out of a streaming window cannot be trimmed back to: then the cache
+    starts over. Shared by ``Model`` and the server's prompt-cache slots.
+    """
+    common = 0
+    for a, b in zip(history, ids):
+        if a != b:
+            break
+        common += 1
+    common = min(common, len(ids) - 1)
+    if len(history) - common > cache.max_trim:  # rolled out of a streaming window
+        common = 0
+        cache.reset()
+    cache.trim(len(history) - common)
+    del history[common:]
+    return common
