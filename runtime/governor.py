@@ -98,9 +98,10 @@ def kv_candidates(requested: KVSpec, n_ctx: int, head_dim: int) -> list[KVSpec]:
     out = []
     if requested.window is None:
         out += [KVSpec(b, b, None, requested.n_sink) for b in bits]
-    window = min(requested.window or n_ctx, n_ctx)
     if requested.window is not None:
         out.append(requested)
+    # A window as long as the context saves nothing: start at half of it (or of the one asked for).
+    window = min(requested.window or n_ctx, n_ctx) // 2
     while window >= MIN_WINDOW:
         out += [KVSpec(b, b, window, requested.n_sink) for b in bits[1:] or bits]
         window //= 2
