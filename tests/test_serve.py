@@ -376,3 +376,48 @@ def test_sigterm_shuts_down_with_request_in_flight(window_server):
     assert time.perf_counter() - t0 < 5
     # the stream ends properly: the shutdown error as a last event, then [DONE]
     assert rest[-1] == "data: [DONE]" and json.loads(rest[-2][6:])["error"]["code"] == "shutting_down"
+
+
+def test_health_reports_figures_after_generating(server, client):
+    client.completions.create(model="smol", prompt="Hello", max_tokens=3, temperature=0)
+    h = server.health()
+    t = h["throughput"]
+    assert t["tokens"] > 0 and t["cpu_s_per_token"] > 0 and t["decode_tok_s"] > 0
+    assert h["memory"]["kv_bytes"] > 0 and h["prompt_cache"]["slots"] >= 1
+
+
+# ---- the prompt-cache LRU, in-process on small real caches ----
+
+def fake_model(n_ctx: int = 64):
+    from types import SimpleNamespace
+
+    from edgelm.runtime.kv_cache import KVSpec, SlotKVCache
+
+    backend = SimpleNamespace(new_cache=lambda n, spec: SlotKVCache(2, 1, 32, n, spec))
+    return SimpleNamespace(backend=backend, n_ctx=n_ctx, kv=KVSpec())
+
+
+def fill(pc, ids: list[int]) -> int:
+    """Acquire a slot for ``ids``, 'evaluate' the new tokens, release; returns the cached count."""
+    slot, cached = pc.acquire(ids)
+    n = len(ids) - cached
+    slot.cache.reserve(n)
+    slot.cache.update(n)
+    slot.history.extend(ids[cached:])
+    pc.release(slot)
+    return cached
+
+
+def test_prompt_cache_lru_reuses_the_longest_prefix_and_stays_bounded():
+    from edgelm.apps.serve_engine import PromptCache
+
+    per_token = 2 * 1 * 2 * 64  # layers x heads x (k + v) x 64-byte f16 rows
+    pc = PromptCache(fake_model(), n_slots=2, max_bytes=50 * per_token)
+    a, b = list(range(10, 30)), list(range(100, 120))
+    assert fill(pc, a) == 0 and fill(pc, b) == 0 and len(pc.slots) == 2
+    assert fill(pc, a + [5, 6]) == 20  # the conversation of `a` goes on in its own slot
+    assert fill(pc, b[:5] + [1]) == 5  # a shared prefix is trimmed to
+    assert fill(pc, [7, 8, 9]) == 0 and len(pc.slots) == 2  # a third one takes the LRU slot (a's)
+    assert fill(pc, a) == 0
+    fill(pc, list(range(200, 260)))  # 60 tokens alone exceed 50 tokens' bytes: slots are dropped
+    assert pc.nbytes_committed() <= 50 * per_token and pc.hits == 2
