@@ -8,8 +8,9 @@ must be thread-safe: the server passes ``loop.call_soon_threadsafe``) and is sto
 ``job.cancelled``, which the worker checks between prefill chunks and between tokens.
 
 Prompt caching: a few slots, each a KV cache and the tokens it holds. A request takes the slot
-sharing the longest prefix with its prompt (the next turn of a conversation re-evaluates only
-the new messages), else an empty slot, else the least recently used one. Slots are dropped,
+sharing the longest prefix with its prompt if that keeps at least half of the slot's tokens (the
+next turn of a conversation re-evaluates only the new messages), else a new slot, else the least
+recently used one (still reusing whatever prefix it shares). Slots are dropped,
 least recently used first, while their committed memory exceeds ``cache_bytes``.
 """
 from __future__ import annotations
@@ -75,8 +76,11 @@ class PromptCache:
                 n += 1
             return n
 
+        # Every chat prompt shares the template's preamble, so "any shared prefix" would put all
+        # requests in one slot and each would wipe the previous conversation. Take the best slot
+        # only if it keeps at least half of what it holds (a conversation going on keeps all).
         best = max(self.slots, key=shared, default=None)
-        if best is not None and shared(best) > 0:
+        if best is not None and shared(best) > 0 and 2 * shared(best) >= len(best.history):
             slot = best
         elif len(self.slots) < self.n_slots:
             slot = Slot(self.model.backend.new_cache(self.model.n_ctx, self.model.kv))

@@ -412,12 +412,15 @@ def test_prompt_cache_lru_reuses_the_longest_prefix_and_stays_bounded():
     from edgelm.apps.serve_engine import PromptCache
 
     per_token = 2 * 1 * 2 * 64  # layers x heads x (k + v) x 64-byte f16 rows
-    pc = PromptCache(fake_model(), n_slots=2, max_bytes=50 * per_token)
+    pc = PromptCache(fake_model(), n_slots=3, max_bytes=50 * per_token)
     a, b = list(range(10, 30)), list(range(100, 120))
     assert fill(pc, a) == 0 and fill(pc, b) == 0 and len(pc.slots) == 2
     assert fill(pc, a + [5, 6]) == 20  # the conversation of `a` goes on in its own slot
-    assert fill(pc, b[:5] + [1]) == 5  # a shared prefix is trimmed to
-    assert fill(pc, [7, 8, 9]) == 0 and len(pc.slots) == 2  # a third one takes the LRU slot (a's)
-    assert fill(pc, a) == 0
+    assert fill(pc, b[:3] + [1]) == 0  # a short shared prefix (a chat preamble) does not wipe b:
+    assert len(pc.slots) == 3 and fill(pc, b + [7]) == 20  # it took a new slot
+    assert fill(pc, b[:15] + [2]) == 15  # trimming a slot to half or more of its tokens is fine
+    assert fill(pc, a + [5, 6, 1]) == 22
+    assert fill(pc, [7, 8, 9]) == 0 and len(pc.slots) == 3  # full: the LRU slot (b[:3]'s) goes
+    assert fill(pc, b[:15] + [2, 3]) == 16  # and a's and b's stay
     fill(pc, list(range(200, 260)))  # 60 tokens alone exceed 50 tokens' bytes: slots are dropped
-    assert pc.nbytes_committed() <= 50 * per_token and pc.hits == 2
+    assert pc.nbytes_committed() <= 50 * per_token and pc.hits == 5
