@@ -170,10 +170,8 @@ async def completion(request: "Request", chat: bool):
     from starlette.responses import Response
 
     check_auth(request)
-    cfg, engine = request.app.state.config, request.app.state.engine
     body = parse_json(await read_body(request))
-    limit = engine.model.n_ctx
-    req = parse_request(body, chat=chat, max_tokens_limit=limit)
+    req = parse_request(body, chat=chat, max_tokens_limit=request.app.state.engine.model.n_ctx)
     model_id = check_model(request, req)
     job, events = start_job(request, req)
     watcher = asyncio.create_task(watch_disconnect(request.receive, job))

@@ -210,7 +210,7 @@ def test_client_timeout_frees_slot(server, client):
     with pytest.raises(openai.APITimeoutError):
         impatient.completions.create(model="smol", prompt="Once upon a time", max_tokens=400, temperature=0)
     t0 = time.perf_counter()
-    wait_idle(server, 1.0)
+    print(f"worker free {wait_idle(server, 1.0):.3f} s after the client's timeout")
     assert server.health()["requests"]["cancelled"] == cancelled + 1
     r = client.completions.create(model="smol", prompt="Hi", max_tokens=2)
     assert r.usage.completion_tokens >= 1 and time.perf_counter() - t0 < 5
@@ -223,7 +223,7 @@ def test_disconnect_mid_stream_stops_generation(server):
         lines = r.iter_lines()
         got = [next(lines) for _ in range(4)]
     assert any(line.startswith("data: {") for line in got)
-    wait_idle(server, 1.0)
+    print(f"worker free {wait_idle(server, 1.0):.3f} s after the disconnect")
 
 
 def test_queue_full_503(server):
