@@ -424,3 +424,28 @@ def test_prompt_cache_lru_reuses_the_longest_prefix_and_stays_bounded():
     assert fill(pc, b[:15] + [2, 3]) == 16  # and a's and b's stay
     fill(pc, list(range(200, 260)))  # 60 tokens alone exceed 50 tokens' bytes: slots are dropped
     assert pc.nbytes_committed() <= 50 * per_token and pc.hits == 5
+
+
+# ---- validation never fails with anything but a 400 (in-process, no server) ----
+
+def test_validation_fuzz():
+    from hypothesis import given, settings, strategies as st
+
+    from edgelm.apps.serve_schema import FIELDS, APIError, parse_json, parse_request
+
+    scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True), st.text(max_size=8))
+    values = st.recursive(scalars, lambda c: st.one_of(st.lists(c, max_size=3),
+                                                       st.dictionaries(st.text(max_size=5), c, max_size=3)), max_leaves=8)
+    keys = st.sampled_from([*FIELDS, "messages", "prompt", "stream_options", "role", "content", "x"])
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.dictionaries(keys, values, max_size=6), st.booleans(), st.binary(max_size=40))
+    def check(body: dict, chat: bool, raw: bytes) -> None:
+        for b in (body, raw):
+            try:
+                parsed = parse_json(b) if isinstance(b, bytes) else b
+                parse_request(parsed, chat=chat, max_tokens_limit=512)
+            except APIError as e:
+                assert e.status == 400 and e.body()["error"]["message"]
+
+    check()
