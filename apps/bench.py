@@ -70,6 +70,8 @@ METRICS = (
     Metric("warm_start_s", "warm start (s)", False),
     Metric("peak_rss_bytes", "peak RSS (MiB)", False, scale=MIB, fmt="{:.1f}"),
     Metric("cpu_s_per_token", "CPU s / generated token", False, fmt="{:.4f}"),
+    Metric("kv_bytes", "KV cache after decode (MiB)", False, scale=MIB, fmt="{:.2f}"),
+    Metric("joules_per_token", "energy J / generated token", False, fmt="{:.4f}"),
 )
 
 
@@ -159,9 +161,11 @@ def describe(config: BenchConfig, results: dict[str, dict]) -> str:
     """The lines above the table: what was run."""
     versions = ", ".join(f"{e} {results[e]['version']}" for e in ENGINES if e in results)
     decode = results["edgelm"].get("decode_tokens", config.decode_tokens)
+    energy = results["edgelm"].get("energy")
+    energy = energy if isinstance(energy, str) else f"RAPL, {energy['counter']}" if energy else "not measured"
     return (f"model {config.model.name}, {config.threads} threads, ctx {config.ctx}; {versions}\n"
             f"prefill {config.prefill_tokens} tokens, decode {decode} tokens greedy after a "
-            f"short prompt, best of {config.repeats}")
+            f"short prompt, best of {config.repeats}; energy: {energy}")
 
 
 def run_bench(config: BenchConfig, with_llama_cpp: bool) -> dict:
@@ -183,9 +187,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     """Handler of ``edgelm bench``."""
     if not args.text_file.is_file():
         raise FileNotFoundError(f"benchmark text {args.text_file} not found; pass --text-file")
-    from ..runtime.model import default_threads  # edgelm's own default, for both engines
+    from ..runtime.governor import choose_threads  # edgelm's own default (and --power), for both engines
 
-    config = BenchConfig(model=resolve(args.model), threads=args.threads or default_threads(),
+    config = BenchConfig(model=resolve(args.model), threads=choose_threads(args.threads, args.power).threads,
                          ctx=args.ctx, text_file=args.text_file, prefill_tokens=args.prefill_tokens,
                          decode_tokens=args.decode_tokens, repeats=args.repeats,
                          kv_bits_k=args.kv_bits_k or args.kv_bits, kv_bits_v=args.kv_bits_v or args.kv_bits,

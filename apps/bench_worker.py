@@ -151,10 +151,19 @@ def prompts(engine: Engine, text: str, prefill_tokens: int, repeats: int) -> Pro
 
 def measure(engine: Engine, prompts: Prompts, decode_tokens: int) -> dict:
     """Best-of-repeats prefill, decode and first-token figures (the machine is noisy)."""
+    from ..runtime.governor import RaplReader, energy_report
+
     prefill = min((engine.run(ids, 1) for ids in prompts.prefill), key=lambda r: r.ttft_s)
+    rapl = RaplReader()  # package energy over the decode runs, where the machine exposes it
     decode_runs = [engine.run(ids, decode_tokens) for ids in prompts.decode]
+    joules = rapl.joules()
     decode = max(decode_runs, key=lambda r: r.decode_tok_s)
+    energy = energy_report(rapl, joules, sum(r.generated_tokens for r in decode_runs))
+    kv_bytes = getattr(getattr(engine, "model", None), "cache", None)
     return {
+        "joules_per_token": energy["joules_per_token"] if isinstance(energy, dict) else None,
+        "energy": energy,
+        "kv_bytes": kv_bytes.nbytes if kv_bytes is not None else None,
         "prefill_tokens": prefill.prompt_tokens,
         "prefill_tok_s": prefill.prompt_tokens / prefill.ttft_s,
         "decode_tokens": decode.generated_tokens,

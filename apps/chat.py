@@ -11,6 +11,7 @@ import sys
 from typing import TYPE_CHECKING, Any, Generator, TextIO
 
 from ..runtime.errors import ContextOverflowError
+from ..runtime.governor import UsageMeter, energy_report
 
 if TYPE_CHECKING:
     from ..runtime.chat import ChatSession
@@ -26,7 +27,15 @@ def format_generation_stats(stats: "GenerationStats") -> str:
     """One line of a ``GenerationStats``: token counts, prefill/decode speed, time to first token."""
     return (f"{stats.prompt_tokens} prompt tokens, {stats.generated_tokens} generated; "
             f"prefill {stats.prefill_tok_s:.1f} tok/s, decode {stats.decode_tok_s:.1f} tok/s, "
-            f"first token after {stats.ttft_s:.3f} s")
+            f"first token after {stats.ttft_s:.3f} s, {stats.cpu_s_per_token:.4f} CPU-s/token")
+
+
+def format_energy(report: dict | str) -> str:
+    """One line of ``governor.energy_report``: joules per token and the counter, or why not."""
+    if isinstance(report, str):
+        return f"energy: {report}"
+    per = report["joules_per_token"]
+    return f"energy: {report['joules']:.2f} J, {'-' if per is None else f'{per:.4f}'} J/token ({report['counter']})"
 
 
 def format_memory_stats(mem: dict) -> str:
@@ -50,6 +59,8 @@ def run_chat(model: "Model", system: str | None = None, sampling: dict[str, Any]
         print(f"edgelm chat with {model.name}. {HELP}", file=stdout)
     session = model.chat_session(system)
     replied = False  # until the first reply, model.last_stats is not this conversation's
+    meter = UsageMeter()  # energy of each reply, where the machine has a counter
+    last_energy: dict | str = "not measured"
     while True:
         try:
             line = _read_line(stdin, interactive)
@@ -71,11 +82,14 @@ def run_chat(model: "Model", system: str | None = None, sampling: dict[str, Any]
                 replied = False
                 print("(conversation cleared)", file=stdout)
             elif text == "/stats":
-                print(_stats_text(model, replied), file=stdout)
+                print(_stats_text(model, replied, last_energy), file=stdout)
             else:
                 print(f"unknown command {text.split()[0]!r}; {HELP}", file=stdout)
             continue
+        meter.begin()
         replied = _stream_reply(session, text, sampling, stdout) or replied
+        tokens = model.last_stats.generated_tokens
+        last_energy = energy_report(meter.rapl, meter.end(tokens)["joules"], tokens)
 
 
 def _read_line(stdin: TextIO, interactive: bool) -> str | None:
@@ -111,8 +125,8 @@ def _stream_reply(session: "ChatSession", text: str, sampling: dict[str, Any], s
     return True
 
 
-def _stats_text(model: "Model", replied: bool) -> str:
+def _stats_text(model: "Model", replied: bool, energy: dict | str = "not measured") -> str:
     memory = "memory: " + format_memory_stats(model.memory_stats())
     if not replied:
         return "no reply yet\n" + memory
-    return "last reply: " + format_generation_stats(model.last_stats) + "\n" + memory
+    return "last reply: " + format_generation_stats(model.last_stats) + "; " + format_energy(energy) + "\n" + memory

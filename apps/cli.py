@@ -1,4 +1,4 @@
-"""The ``edgelm`` command: pull, generate, chat, perplexity, bench, convert.
+"""The ``edgelm`` command: pull, generate, chat, perplexity, bench, serve, convert.
 
 Every command that needs a model resolves ``--model`` (short name or GGUF path) first, pulling a
 known model into the cache on first use, then loads it with :func:`edgelm.load`. Errors the user
@@ -19,10 +19,11 @@ import edgelm
 from ..models.registry import DEFAULT_MODEL, REGISTRY, pull, resolve
 from ..runtime.errors import ContextOverflowError, EdgeLMError
 from ..runtime.kv_cache import DEFAULT_RESIDUAL
+from ..runtime.governor import POWER_MODES, choose_threads
 from ..kernels.kvquant import KV_BITS
 from ..runtime.perplexity import combine_segments, iter_perplexity, iter_streaming_perplexity
 from ..runtime.sampling import SamplingParams
-from . import bench, chat
+from . import bench, chat, serve
 from . import convert as convert_cmd
 
 if TYPE_CHECKING:
@@ -41,7 +42,12 @@ def model_arguments() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--model", "-m", default=DEFAULT_MODEL,
                    help=f"short name ({', '.join(sorted(REGISTRY))}) or GGUF path (default: %(default)s)")
-    p.add_argument("--threads", "-t", type=int, default=None, help="compute threads (default: all cores)")
+    p.add_argument("--threads", "-t", type=int, default=None, help="compute threads (default: physical cores)")
+    g = p.add_argument_group("resource governor")
+    g.add_argument("--memory-budget", default=None, metavar="SIZE",
+                   help="e.g. 1.5GB or 800MiB: pick the KV bits and window that fit, refuse if none does")
+    g.add_argument("--power", choices=POWER_MODES, default="auto",
+                   help="efficiency uses half the cores; auto does so on battery (default: %(default)s)")
     g = p.add_argument_group("KV cache")
     g.add_argument("--kv-bits", type=int, choices=KV_BITS, default=16,
                    help="bits of cached keys and values (default: %(default)s)")
@@ -89,10 +95,13 @@ def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return kwargs
 
 
-def load_model(args: argparse.Namespace, n_ctx: int | None = None) -> "Model":
-    """Resolve ``--model`` (pulling a known name on first use) and load it."""
+def load_model(args: argparse.Namespace, n_ctx: int | None = None, kv_caches: int = 1) -> "Model":
+    """Resolve ``--model`` (pulling a known name on first use) and load it within the governor's
+    limits (``--memory-budget``, ``--power``)."""
     path = resolve(args.model)
-    return edgelm.load(path, threads=args.threads, n_ctx=n_ctx, **kv_kwargs(args))
+    threads = choose_threads(args.threads, args.power).threads
+    return edgelm.load(path, threads=threads, n_ctx=n_ctx, memory_budget=args.memory_budget,
+                       kv_caches=kv_caches, **kv_kwargs(args))
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
@@ -249,6 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", parents=[common], help="speed and memory, side by side with llama.cpp")
     bench.add_arguments(p)
     p.set_defaults(handler=bench.cmd_bench)
+
+    p = sub.add_parser("serve", parents=[common], help="OpenAI-compatible HTTP server (see docs/serve.md)")
+    serve.add_arguments(p)
+    p.set_defaults(handler=serve.cmd_serve)
 
     p = sub.add_parser("convert", help="convert a Hugging Face checkpoint folder to GGUF")
     convert_cmd.add_arguments(p)

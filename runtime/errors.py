@@ -24,3 +24,11 @@ class UnsupportedArchitectureError(EdgeLMError, ValueError):
 
 class ModelFormatError(EdgeLMError, ValueError):
     """The GGUF is well-formed but lacks tensors or hyperparameters the architecture needs."""
+
+
+class InsufficientMemoryError(EdgeLMError, MemoryError):
+    """Loading would need more memory than is available (or than the --memory-budget allows)."""
+
+    def __init__(self, message: str, needed: int, limit: int):
+        self.needed, self.limit = needed, limit
+        super().__init__(message)

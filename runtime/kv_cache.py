@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import mmap
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
@@ -104,6 +104,44 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+@dataclass(frozen=True)
+class _Layout:
+    """Sizes of a SlotKVCache (see its docstring): bytes of a token's key and value per head,
+    where the ring starts and how long it is, slots, and rows of 16-bit recent copies."""
+
+    key_bytes: int
+    value_bytes: int
+    ring_start: int
+    ring: int
+    slots: int
+    n_recent: int
+
+    @classmethod
+    def of(cls, head_dim: int, n_ctx: int, spec: KVSpec, max_batch: int) -> "_Layout":
+        row16 = row_bytes(16, head_dim)
+        kb = row16 if spec.bits_k == 16 else key_group_bytes(spec.bits_k, head_dim) // KV_GROUP
+        align = KV_GROUP if spec.bits_k != 16 else 1  # key groups take whole runs of 32 slots
+        if spec.window is None:
+            ring_start, ring, slots = 0, 0, _round_up(n_ctx, align)
+        else:
+            ring_start, ring = _round_up(spec.n_sink, align), _round_up(spec.window + max_batch, align)
+            slots = ring_start + ring
+        # Recent rows: a query reads them for keys up to residual + 31 positions back, while a
+        # batch of max_batch writes ahead of it (see kernels/attention).
+        n_recent = _round_up(spec.residual + KV_GROUP + max_batch, KV_GROUP) if spec.quantized else 0
+        return cls(kb, row_bytes(spec.bits_v, head_dim), ring_start, ring, slots, n_recent)
+
+
+def cache_footprint(n_layers: int, n_kv_heads: int, head_dim: int, n_ctx: int, spec: KVSpec,
+                    max_batch: int = 128) -> tuple[int, int, int]:
+    """(bytes per token, tokens a full cache holds, fixed bytes of 16-bit recent copies) of a
+    :class:`SlotKVCache` of kind ``spec`` -- what it commits at most, for the memory governor."""
+    lay = _Layout.of(head_dim, n_ctx, spec, max_batch)
+    heads = n_layers * n_kv_heads
+    return (heads * (lay.key_bytes + lay.value_bytes), lay.slots,
+            min(lay.n_recent, lay.slots) * heads * 2 * row_bytes(16, head_dim))
+
+
 class SlotKVCache:
     """Keys and values of every layer in slots of fixed-size rows (the numba backend's cache).
 
@@ -129,27 +167,19 @@ class SlotKVCache:
         self.spec = spec
         self.head_dim = head_dim
         self.max_batch = max_batch
-        align = KV_GROUP if spec.bits_k != 16 else 1  # key groups take whole runs of 32 slots
+        lay = _Layout.of(head_dim, n_ctx, spec, max_batch)
         if spec.window is None:
             self.n_ctx, self.n_sink, self.window = n_ctx, 0, UNBOUNDED
-            self._ring, self._ring_start, slots = 0, 0, _round_up(n_ctx, align)
         else:
             self.n_ctx, self.n_sink, self.window = UNBOUNDED, spec.n_sink, spec.window
-            self._ring = _round_up(spec.window + max_batch, align)
-            self._ring_start = _round_up(spec.n_sink, align)
-            slots = self._ring_start + self._ring
-        row16 = row_bytes(16, head_dim)
+        self._ring, self._ring_start, slots = lay.ring, lay.ring_start, lay.slots
+        kb, vb, row16 = lay.key_bytes, lay.value_bytes, row_bytes(16, head_dim)
         if spec.bits_k == 16:
-            kb = row16
             self.k = lazy_zeros((n_layers, n_kv_heads, slots, kb), np.uint8)
         else:
-            kb = key_group_bytes(spec.bits_k, head_dim) // KV_GROUP
             self.k = lazy_zeros((n_layers, n_kv_heads, slots // KV_GROUP, kb * KV_GROUP), np.uint8)
-        vb = row_bytes(spec.bits_v, head_dim)
         self.v = lazy_zeros((n_layers, n_kv_heads, slots, vb), np.uint8)
-        # Recent rows: a query reads them for keys up to residual + 31 positions back, while a
-        # batch of max_batch writes ahead of it (see kernels/attention).
-        self.n_recent = _round_up(spec.residual + KV_GROUP + max_batch, KV_GROUP) if spec.quantized else 0
+        self.n_recent = lay.n_recent
         self.rk = lazy_zeros((n_layers, n_kv_heads, self.n_recent, row16), np.uint8)
         self.rv = lazy_zeros((n_layers, n_kv_heads, self.n_recent, row16), np.uint8)
         self._recent_bytes_per_token = n_layers * n_kv_heads * 2 * row16 if spec.quantized else 0
@@ -283,3 +313,25 @@ class SlotKVCache:
         if self.spec.window is None:
             self._high = self._offset
         return n
+
+
+def reuse_prefix(cache: KVCache, history: list[int], ids: Sequence[int]) -> int:
+    """Trim ``cache`` (which holds the tokens ``history``) to the longest prefix it shares with
+    ``ids``; returns that prefix's length. ``history`` is cut to match, in place.
+
+    At least one token of ``ids`` is left to evaluate (the next token needs its logits), and a
+    prefix that has rolled out of a streaming window cannot be trimmed back to: then the cache
+    starts over. Shared by ``Model`` and the server's prompt-cache slots.
+    """
+    common = 0
+    for a, b in zip(history, ids):
+        if a != b:
+            break
+        common += 1
+    common = min(common, len(ids) - 1)
+    if len(history) - common > cache.max_trim:  # rolled out of a streaming window
+        common = 0
+        cache.reset()
+    cache.trim(len(history) - common)
+    del history[common:]
+    return common

@@ -27,7 +27,8 @@ from ..models.registry import resolve
 from .chat_template import ChatTemplate
 from .errors import ContextOverflowError
 from .generate import GenerationStats, generate_tokens
-from .kv_cache import DEFAULT_RESIDUAL, KVSpec
+from .governor import plan_memory
+from .kv_cache import DEFAULT_RESIDUAL, KVSpec, reuse_prefix
 from .gguf import GGUFFile
 from .numba_backend import NumbaBackend
 from .sampling import Sampler, SamplingParams, StopMatcher
@@ -138,18 +139,7 @@ class Model:
 
     def _reuse_prefix(self, ids: list[int]) -> int:
         """Trim the cache to the longest prefix it shares with ``ids``; returns its length."""
-        common = 0
-        for a, b in zip(self._history, ids):
-            if a != b:
-                break
-            common += 1
-        common = min(common, len(ids) - 1)  # evaluate at least one token to get logits
-        if len(self._history) - common > self.cache.max_trim:  # rolled out of a streaming window
-            common = 0
-            self.cache.reset()
-        self.cache.trim(len(self._history) - common)
-        del self._history[common:]
-        return common
+        return reuse_prefix(self.cache, self._history, ids)
 
     def _stream(self, ids: list[int], params: SamplingParams, max_tokens: int,
                 stop: Sequence[str]) -> Iterator[str]:
@@ -202,7 +192,8 @@ class Model:
 def load(model: str | os.PathLike = "smollm2-135m-instruct", threads: int | None = None,
          n_ctx: int | None = None, kv_bits: int = 16, kv_bits_k: int | None = None,
          kv_bits_v: int | None = None, kv_window: int | None = None, n_sink: int = 4,
-         kv_residual: int = DEFAULT_RESIDUAL) -> Model:
+         kv_residual: int = DEFAULT_RESIDUAL, memory_budget: int | str | None = None,
+         kv_caches: int = 1) -> Model:
     """Load a model by short name or GGUF path (pulling a known default on first use).
 
     ``kv_bits`` (16, 8 or 4) sets how keys and values are cached; ``kv_bits_k``/``kv_bits_v``
@@ -210,6 +201,10 @@ def load(model: str | os.PathLike = "smollm2-135m-instruct", threads: int | None
     tokens plus the ``N`` most recent are kept, and a conversation can go on past ``n_ctx``.
     A quantized cache keeps each token at 16 bits until its key group of 32 is complete and
     ``kv_residual`` tokens beyond (KIVI's full-precision residual).
+
+    Before loading, the governor checks that weights, ``kv_caches`` full KV caches and the runtime
+    fit in available memory (``InsufficientMemoryError`` otherwise); ``memory_budget`` (bytes or
+    "1.5GB") makes it pick the largest KV cache kind, no larger than the one asked for, that fits.
     """
     kv = KVSpec(bits_k=kv_bits if kv_bits_k is None else kv_bits_k,
                 bits_v=kv_bits if kv_bits_v is None else kv_bits_v, window=kv_window, n_sink=n_sink,
@@ -221,6 +216,8 @@ def load(model: str | os.PathLike = "smollm2-135m-instruct", threads: int | None
     n_ctx = int(n_ctx or min(args.context_length, 8192))
     if n_ctx < 1:
         raise ValueError(f"n_ctx must be positive, got {n_ctx}")
+    kv = plan_memory(path.stat().st_size, args.n_layers, args.n_kv_heads, args.head_dim, n_ctx, kv,
+                     memory_budget, kv_caches).spec
     if not _kernels_cached():
         print("edgelm: compiling CPU kernels (first launch only, about a minute)...", file=sys.stderr, flush=True)
     if kv.bits_k != 16 or kv.bits_v != 16:
