@@ -46,8 +46,17 @@ class GenerationStats:
 
 
 def prefill(backend: Backend, cache: KVCache, tokens: Sequence[int]) -> np.ndarray:
-    """Evaluate prompt tokens into the cache; logits of the last one."""
-    return backend.forward(tokens, cache)[-1]
+    """Evaluate prompt tokens into the cache; logits of the last one.
+
+    All but the last token go through the batched pass; the last goes alone, as a decode step.
+    The two passes round differently (the single-token one quantizes activations to 8 bits, as
+    llama.cpp does), so this way the first sampled token does not depend on how much of the
+    prompt was already cached: the same request with the same seed gives the same text whether
+    it is new or continues a cached conversation.
+    """
+    if len(tokens) > 1:
+        backend.forward(tokens[:-1], cache)
+    return decode_one_token(backend, cache, tokens[-1])
 
 
 def decode_one_token(backend: Backend, cache: KVCache, token: int) -> np.ndarray:
