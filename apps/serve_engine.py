@@ -19,13 +19,13 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from ..runtime.errors import ContextOverflowError
 from ..runtime.generate import GenerationStats, generate_tokens
 from ..runtime.governor import UsageMeter, rss_bytes
 from ..runtime.kv_cache import KVCache, reuse_prefix
-from ..runtime.sampling import Sampler, SamplingParams, StopMatcher
+from ..runtime.sampling import Sampler, SamplingParams, stream_text
 from .serve_schema import APIError, CompletionRequest
 
 if TYPE_CHECKING:
@@ -263,23 +263,21 @@ class Engine:
         chunks_s = time.perf_counter() - t
         if job.cancelled.is_set():
             return
-        decoder, matcher = m.tokenizer.stream_decoder(), StopMatcher(job.request.stop)
         tokens = generate_tokens(m.backend, slot.cache, new, slot.history, Sampler(params, m.n_vocab),
                                  max_tokens, m.tokenizer.eog_ids, stats)
-        try:
+
+        def until_cancelled() -> Iterator[int]:  # checked between tokens, not only between pieces
             for token in tokens:
                 if job.cancelled.is_set():
                     return
-                text, stopped = matcher.push(decoder.push(token))
-                if text:
-                    job.emit(("text", text))
-                if stopped:
-                    stats.finish_reason = "stop"
+                yield token
+
+        try:
+            for text in stream_text(until_cancelled(), m.tokenizer.stream_decoder(), job.request.stop,
+                                    lambda: setattr(stats, "finish_reason", "stop")):
+                if job.cancelled.is_set():
                     return
-            tail, _ = matcher.push(decoder.flush())
-            tail += matcher.flush()
-            if tail:
-                job.emit(("text", tail))
+                job.emit(("text", text))
         finally:
             tokens.close()
             stats.prefill_s += chunks_s

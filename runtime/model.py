@@ -31,7 +31,7 @@ from .governor import plan_memory
 from .kv_cache import DEFAULT_RESIDUAL, KVSpec, reuse_prefix
 from .gguf import GGUFFile
 from .numba_backend import NumbaBackend
-from .sampling import Sampler, SamplingParams, StopMatcher
+from .sampling import Sampler, SamplingParams, stream_text
 from .tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -146,23 +146,11 @@ class Model:
         stats = self.last_stats = GenerationStats(prompt_tokens=len(ids), _t0=time.perf_counter())
         cpu0 = time.process_time()
         stats.cached_tokens = self._reuse_prefix(ids)
-        sampler = Sampler(params, self.n_vocab)
-        decoder = self.tokenizer.stream_decoder()
-        matcher = StopMatcher(stop)
         tokens = generate_tokens(self.backend, self.cache, ids[stats.cached_tokens:], self._history,
-                                 sampler, max_tokens, self.tokenizer.eog_ids, stats)
+                                 Sampler(params, self.n_vocab), max_tokens, self.tokenizer.eog_ids, stats)
         try:
-            for token in tokens:
-                text, stopped = matcher.push(decoder.push(token))
-                if text:
-                    yield text
-                if stopped:
-                    stats.finish_reason = "stop"
-                    return
-            tail, _ = matcher.push(decoder.flush())
-            tail += matcher.flush()
-            if tail:
-                yield tail
+            yield from stream_text(tokens, self.tokenizer.stream_decoder(), stop,
+                                   lambda: setattr(stats, "finish_reason", "stop"))
         finally:
             tokens.close()
             stats.cpu_s = time.process_time() - cpu0

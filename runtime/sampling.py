@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -335,3 +335,24 @@ class StopMatcher:
                     longest = n
                     break
         return longest
+
+
+def stream_text(tokens: Iterator[int], decoder, stop: Sequence[str], on_stop) -> Iterator[str]:
+    """The text pieces of a token stream: ``decoder`` (a tokenizer's ``stream_decoder()``) holds
+    back incomplete UTF-8, and the stream ends at the first stop string (which is not
+    yielded), calling ``on_stop()``. Closes ``tokens`` when done or closed early."""
+    matcher = StopMatcher(stop)
+    try:
+        for token in tokens:
+            text, stopped = matcher.push(decoder.push(token))
+            if text:
+                yield text
+            if stopped:
+                on_stop()
+                return
+        tail, _ = matcher.push(decoder.flush())
+        tail += matcher.flush()
+        if tail:
+            yield tail
+    finally:
+        tokens.close()
