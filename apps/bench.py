@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..models.registry import resolve
+from ..runtime.kv_cache import DEFAULT_RESIDUAL
 
 MIB = 1024 * 1024
 # The held-out WikiText-2 text shipped with the repository (see /work/shared/data/README.md).
@@ -51,6 +52,8 @@ class BenchConfig:
     kv_bits_v: int = 16
     kv_window: int | None = None
     n_sink: int = 4
+    kv_residual: int = DEFAULT_RESIDUAL
+    memory_budget: str | None = None  # edgelm's governor (--memory-budget)
 
 
 @dataclass(frozen=True)
@@ -97,9 +100,11 @@ def run_worker(engine: str, config: BenchConfig, numba_cache: Path, startup_only
            "--text-file", str(config.text_file), "--prefill-tokens", str(config.prefill_tokens),
            "--decode-tokens", str(config.decode_tokens), "--repeats", str(config.repeats),
            "--kv-bits-k", str(config.kv_bits_k), "--kv-bits-v", str(config.kv_bits_v),
-           "--n-sink", str(config.n_sink)]
+           "--n-sink", str(config.n_sink), "--kv-residual", str(config.kv_residual)]
     if config.kv_window is not None:
         cmd += ["--kv-window", str(config.kv_window)]
+    if config.memory_budget is not None:
+        cmd += ["--memory-budget", str(config.memory_budget)]
     if startup_only:
         cmd.append("--startup-only")
     env = {**os.environ, "NUMBA_CACHE_DIR": str(numba_cache)}
@@ -193,7 +198,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                          ctx=args.ctx, text_file=args.text_file, prefill_tokens=args.prefill_tokens,
                          decode_tokens=args.decode_tokens, repeats=args.repeats,
                          kv_bits_k=args.kv_bits_k or args.kv_bits, kv_bits_v=args.kv_bits_v or args.kv_bits,
-                         kv_window=args.kv_window, n_sink=args.n_sink)
+                         kv_window=args.kv_window, n_sink=args.n_sink, kv_residual=args.kv_residual,
+                         memory_budget=args.memory_budget)
     report = run_bench(config, with_llama_cpp=not args.no_llama_cpp)
     if report["note"]:
         print(f"note: {report['note']}", file=sys.stderr)

@@ -197,12 +197,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--kv-bits-v", type=int, default=16)
     p.add_argument("--kv-window", type=int, default=None)
     p.add_argument("--n-sink", type=int, default=4)
+    p.add_argument("--kv-residual", type=int, default=None)  # None: edgelm's default (no edgelm import here)
+    p.add_argument("--memory-budget", default=None)
     args = p.parse_args(argv)
 
     text = args.text_file.read_text(encoding="utf-8")
     t_load = time.perf_counter()
     kv = {"kv_bits_k": args.kv_bits_k, "kv_bits_v": args.kv_bits_v, "kv_window": args.kv_window,
-          "n_sink": args.n_sink}
+          "n_sink": args.n_sink, "memory_budget": args.memory_budget}
+    if args.kv_residual is not None:
+        kv["kv_residual"] = args.kv_residual
     engine = ENGINES[args.engine](args.model, args.threads, args.ctx, **kv)
     load_s = time.perf_counter() - t_load
     runs = prompts(engine, text, args.prefill_tokens, args.repeats)
