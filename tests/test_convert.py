@@ -9,7 +9,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +16,7 @@ import pytest
 import edgelm
 from edgelm.converters.convert import convert
 from edgelm.runtime.gguf import GGUFFile
+from greedy_oracle import greedy_agreement
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -47,7 +47,7 @@ def converted(smollm2_hf, tmp_path_factory):
         convert(smollm2_hf, path, outtype="f16" if kind == "llama-cpp" else kind, llama_cpp=kind == "llama-cpp")
         seconds[kind] = time.perf_counter() - t0
         files[kind] = path
-    print(f"\nconversion time: " + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))
+    print("\nconversion time: " + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))
     return files, seconds
 
 
@@ -119,23 +119,7 @@ def test_llama_cpp_file_runs_in_both_engines(converted, llama_cpp):
     path = str(converted[0]["llama-cpp"])
     ours = edgelm.load(path, threads=2, n_ctx=512)
     ref = llama_cpp.Llama(model_path=path, n_ctx=512, n_batch=512, n_threads=2, verbose=False, logits_all=True)
-    prefixes = []
-    for prompt in PROMPTS:
-        ids = ours.tokenize(prompt, special=True)
-        assert ids == ref.tokenize(prompt.encode(), add_bos=True, special=True)
-        ref.reset()
-        ref.eval(ids)
-        want = []
-        for _ in range(32):
-            tok = int(np.argmax(ref.scores[ref.n_tokens - 1]))
-            if tok in ours.tokenizer.eog_ids:
-                break
-            want.append(tok)
-            ref.eval([tok])
-        got = "".join(ours.generate(ids, max_tokens=32, temperature=0.0))
-        expected = ours.detokenize(want)
-        prefixes.append(next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b),
-                             min(len(got), len(expected))))
+    _, prefixes = greedy_agreement(ours, ref, PROMPTS, 32)
     print(f"--llama-cpp file: characters in common with llama.cpp's greedy text: {prefixes}")
     ours.close()
     ref.close()

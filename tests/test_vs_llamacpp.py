@@ -14,6 +14,7 @@ import pytest
 
 import edgelm
 from edgelm.runtime.perplexity import perplexity
+from greedy_oracle import greedy_agreement
 
 PROMPTS = [
     "The capital of France is",
@@ -54,24 +55,7 @@ def test_top1_agreement_over_2048_wikitext_tokens(engines, eval_text):
 
 def test_greedy_continuations_match(engines):
     kind, ours, ref = engines
-    same, prefixes = 0, []
-    for prompt in PROMPTS:
-        ids = ours.tokenize(prompt, special=True)
-        assert ids == ref.tokenize(prompt.encode(), add_bos=True, special=True)
-        ref.reset()
-        ref.eval(ids)
-        want = []
-        for _ in range(64):
-            tok = int(np.argmax(ref.scores[ref.n_tokens - 1]))
-            if tok in ours.tokenizer.eog_ids:
-                break
-            want.append(tok)
-            ref.eval([tok])
-        got = "".join(ours.generate(ids, max_tokens=64, temperature=0.0))
-        expected = ours.detokenize(want)
-        same += got == expected
-        shared = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), min(len(got), len(expected)))
-        prefixes.append(shared)
+    same, prefixes = greedy_agreement(ours, ref, PROMPTS, 64)
     print(f"{kind}: {same}/5 greedy continuations identical; characters in common: {prefixes}")
     # A flip at a near-tie ends the agreement (llama.cpp splits with itself across batch sizes
     # too): require the openings of at least 4 of the 5 continuations to match.
