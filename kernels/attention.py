@@ -64,6 +64,15 @@ def _recent_until(ck, c0, lo, hi, n_sink, residual):
     return min(hi, max(lo, group_end(ck, n_sink) + residual - c0))
 
 
+@njit(nogil=True, inline="always", cache=True)
+def _rows16(store, recent, bits, kvh, t, ck, c0, lo, hi, n_sink, residual, n_recent):
+    """Where queries [lo, split) read slot t's 16-bit row: the store itself at 16 bits, else the
+    recent copy (queries [split, hi) then read the quantized store)."""
+    if bits == 16:
+        return store[kvh, t], hi
+    return recent[kvh, ck % n_recent], _recent_until(ck, c0, lo, hi, n_sink, residual)
+
+
 @njit(nogil=True, fastmath=True, cache=True)
 def attend_block(q, qs, att, i0, i1, h, hd, kc, vc, rk, rv, kbits, vbits, kvh, c0, slot_pos, n_slots,
                  n_sink, window, residual, n_recent, S, row, gaq, gdm, gdone, vacc):
@@ -102,10 +111,7 @@ def attend_block(q, qs, att, i0, i1, h, hd, kc, vc, rk, rv, kbits, vbits, kvh, c
             if lo >= hi:
                 continue
             qq = qs if ck < n_sink else q
-            if kbits == 16:
-                src, split = kc[kvh, t], hi
-            else:
-                src, split = rk[kvh, ck % n_recent], _recent_until(ck, c0, lo, hi, n_sink, residual)
+            src, split = _rows16(kc, rk, kbits, kvh, t, ck, c0, lo, hi, n_sink, residual, n_recent)
             if split > lo:
                 load_row(src, 16, row, hd)
                 for i in range(lo, split):
@@ -154,10 +160,7 @@ def attend_block(q, qs, att, i0, i1, h, hd, kc, vc, rk, rv, kbits, vbits, kvh, c
         lo, hi = _visible(ck, c0, i0, i1, n_sink, window)
         if lo >= hi:
             continue
-        if vbits == 16:
-            src, split = vc[kvh, t], hi
-        else:
-            src, split = rv[kvh, ck % n_recent], _recent_until(ck, c0, lo, hi, n_sink, residual)
+        src, split = _rows16(vc, rv, vbits, kvh, t, ck, c0, lo, hi, n_sink, residual, n_recent)
         if split > lo:
             load_row(src, 16, row, hd)
             for i in range(lo, split):
