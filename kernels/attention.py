@@ -34,7 +34,18 @@ from numba import njit
 from .kvquant import KV_GROUP, hadamard_groups, key_group_params, key_group_query, load_key_codes, load_row
 
 QUERY_BLOCK = 16  # queries per work item: scratch is QUERY_BLOCK x cache slots floats per thread
+# The softmax runs over the slots in use rounded up to this many (hidden slots add exact zeros):
+# a vectorized sum then splits the nonzero terms into the same lanes whatever the number of
+# slots in use, so a query's attention does not depend on how many tokens its pass evaluates
+# (speculative verification must reproduce one-token decoding bit for bit).
+SOFTMAX_PAD = 64
 _HIDDEN = np.float32(-1e30)  # score of a key a query may not see (finite: fastmath assumes no inf)
+
+
+@njit(nogil=True, inline="always", cache=True)
+def padded_slots(n_slots):
+    """Slots the softmax runs over: ``n_slots`` rounded up to ``SOFTMAX_PAD``."""
+    return (n_slots + SOFTMAX_PAD - 1) // SOFTMAX_PAD * SOFTMAX_PAD
 
 
 @njit(nogil=True, inline="always", cache=True)
@@ -86,7 +97,7 @@ def attend_block(q, qs, att, i0, i1, h, hd, kc, vc, rk, rv, kbits, vbits, kvh, c
     rk, rv: uint8 [n_kv_heads, n_recent, 2 hd] 16-bit copies of recent tokens, the token at
             counter k in row k % n_recent (n_recent == 0: a 16-bit cache, no copies).
     slot_pos: int64 [slots] counter of the token in each slot (-1: empty); slots >= n_slots unused.
-    S:      f32 [>= i1 - i0, >= n_slots] scratch (scores, then probabilities).
+    S:      f32 [>= i1 - i0, >= padded_slots(n_slots)] scratch (scores, then probabilities).
     row:    f32 [hd]; gdm: f32 [2, hd] a key group's scales and minima; gaq: f32 [QUERY_BLOCK,
             hd + 1] each query folded with them (key_group_query); gdone: int32 [QUERY_BLOCK + 1];
     vacc:   f32 [QUERY_BLOCK, hd] scratch.
@@ -96,9 +107,10 @@ def attend_block(q, qs, att, i0, i1, h, hd, kc, vc, rk, rv, kbits, vbits, kvh, c
     qb = h * hd
     scale = np.float32(1.0) / np.sqrt(np.float32(hd))
     nq = i1 - i0
+    n_pad = padded_slots(n_slots)
     for i in range(nq):
-        Si = S[i, :n_slots]
-        for t in range(n_slots):
+        Si = S[i, :n_pad]
+        for t in range(n_pad):
             Si[t] = _HIDDEN
 
     # ---- scores, one key group (32 slots) at a time: a row is decoded once for all queries ----
@@ -138,12 +150,12 @@ def attend_block(q, qs, att, i0, i1, h, hd, kc, vc, rk, rv, kbits, vbits, kvh, c
 
     # ---- softmax ----
     for i in range(nq):
-        Si = S[i, :n_slots]
+        Si = S[i, :n_pad]
         m = _HIDDEN
-        for t in range(n_slots):
+        for t in range(n_pad):
             m = max(m, Si[t])
         total = np.float32(0.0)
-        for t in range(n_slots):
+        for t in range(n_pad):
             e = np.exp(Si[t] - m)
             Si[t] = e
             total += e

@@ -9,7 +9,7 @@ from ..kernels.forward import (
     C_BIAS, C_DIM, C_HEAD_DIM, C_HEADS, C_HIDDEN, C_KV_HEADS, C_LAYERS, C_NEOX, C_ROPE_DIM, C_VOCAB,
     forward_worker,
 )
-from ..kernels.attention import QUERY_BLOCK
+from ..kernels.attention import QUERY_BLOCK, padded_slots
 from ..kernels.qdispatch import AFFINE_Q3, AFFINE_Q4, SUPPORTED_TYPES, W_FIELDS
 from ..kernels.threads import ThreadTeam
 from ..models.base import BIAS_SLOTS, ModelArgs, layer_tensor_name
@@ -147,7 +147,7 @@ class NumbaBackend:
                     np.zeros((n, a.kv_dim), f32), np.zeros((n, a.q_dim), f32),   # v, att
                     np.zeros((n, a.dim), f32),                                   # tmp
                     np.zeros((n, a.hidden_dim), f32), np.zeros((n, a.hidden_dim), f32),  # hb, hb2
-                    np.zeros((self.team.nthreads, min(n, QUERY_BLOCK), slots), f32),  # scores
+                    np.zeros((self.team.nthreads, min(n, QUERY_BLOCK), padded_slots(slots)), f32),  # scores
                     np.zeros((self.team.nthreads, a.head_dim), f32),              # row
                     np.zeros((self.team.nthreads, QUERY_BLOCK, a.head_dim + 1), f32),  # gaq
                     np.zeros((self.team.nthreads, 2, a.head_dim), f32),           # gdm
