@@ -194,6 +194,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"benchmark text {args.text_file} not found; pass --text-file")
     from ..runtime.governor import choose_threads  # edgelm's own default (and --power), for both engines
 
+    if args.speculative is not None:  # speculative against plain decoding, in this process
+        from . import bench_spec
+        from .cli import load_model
+
+        return bench_spec.cmd_bench_speculative(load_model(args, n_ctx=args.ctx), args)
+
     config = BenchConfig(model=resolve(args.model), threads=choose_threads(args.threads, args.power).threads,
                          ctx=args.ctx, text_file=args.text_file, prefill_tokens=args.prefill_tokens,
                          decode_tokens=args.decode_tokens, repeats=args.repeats,

@@ -62,7 +62,8 @@ class EdgelmEngine:
         import edgelm
 
         self.version = edgelm.__version__
-        self.model = edgelm.load(path, threads=threads, n_ctx=n_ctx, **kv)
+        # plain decoding, as llama.cpp does here (`edgelm bench --speculative` times speculation)
+        self.model = edgelm.load(path, threads=threads, n_ctx=n_ctx, speculative="off", **kv)
 
     def tokenize(self, text: str) -> list[int]:
         return self.model.tokenize(text, add_bos=True)

@@ -27,7 +27,17 @@ def format_generation_stats(stats: "GenerationStats") -> str:
     """One line of a ``GenerationStats``: token counts, prefill/decode speed, time to first token."""
     return (f"{stats.prompt_tokens} prompt tokens, {stats.generated_tokens} generated; "
             f"prefill {stats.prefill_tok_s:.1f} tok/s, decode {stats.decode_tok_s:.1f} tok/s, "
-            f"first token after {stats.ttft_s:.3f} s, {stats.cpu_s_per_token:.4f} CPU-s/token")
+            f"first token after {stats.ttft_s:.3f} s, {stats.cpu_s_per_token:.4f} CPU-s/token"
+            + format_spec_stats(stats))
+
+
+def format_spec_stats(stats: "GenerationStats") -> str:
+    """"; speculative: ..." when drafts were verified in the last reply, else ""."""
+    sp = stats.spec
+    if not sp.rounds:
+        return ""
+    return (f"; speculative: {sp.accepted}/{sp.drafted} drafts accepted ({sp.acceptance_rate:.0%}), "
+            f"{sp.mean_accepted:.2f} per round, {sp.self_rounds} self + {sp.lookup_rounds} lookup rounds")
 
 
 def format_energy(report: dict | str) -> str:

@@ -23,6 +23,7 @@ from ..runtime.governor import POWER_MODES, choose_threads
 from ..kernels.kvquant import KV_BITS
 from ..runtime.perplexity import combine_segments, iter_perplexity, iter_streaming_perplexity
 from ..runtime.sampling import SamplingParams
+from ..runtime.speculative import SPECULATIVE_MODES
 from . import bench, chat, serve
 from . import convert as convert_cmd
 
@@ -58,6 +59,11 @@ def model_arguments() -> argparse.ArgumentParser:
     g.add_argument("--n-sink", type=int, default=4, help="attention-sink tokens kept with --kv-window (default: %(default)s)")
     g.add_argument("--kv-residual", type=int, default=DEFAULT_RESIDUAL, metavar="N",
                    help="quantized cache: tokens kept at 16 bits after their key group of 32 fills (default: %(default)s)")
+    g = p.add_argument_group("speculative decoding")
+    g.add_argument("--speculative", choices=SPECULATIVE_MODES, nargs="?", const="auto", default=None,
+                   help="draft tokens and verify them in one pass: self (the model with layers skipped), "
+                        "lookup (n-grams of the prompt), auto (either, only where it pays), off "
+                        "(default: auto; `bench --speculative [MODE]` benchmarks it against off)")
     return p
 
 
@@ -101,7 +107,7 @@ def load_model(args: argparse.Namespace, n_ctx: int | None = None, kv_caches: in
     path = resolve(args.model)
     threads = choose_threads(args.threads, args.power).threads
     return edgelm.load(path, threads=threads, n_ctx=n_ctx, memory_budget=args.memory_budget,
-                       kv_caches=kv_caches, **kv_kwargs(args))
+                       kv_caches=kv_caches, speculative=args.speculative or "auto", **kv_kwargs(args))
 
 
 def cmd_pull(args: argparse.Namespace) -> int:

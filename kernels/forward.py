@@ -62,9 +62,13 @@ def _rmsnorm_rows(x, weight, eps, out, i0, i1):
             out[i, j] = x[i, j] * scale * weight[j]
 
 
-@njit(nogil=True, fastmath=True, cache=True)
+@njit(nogil=True, cache=True)
 def _rope(vec, base, cos, sin, rope_dim, neox):
-    """Rotate vec[base : base + rope_dim] in place (cos/sin: [rope_dim // 2] for this position)."""
+    """Rotate vec[base : base + rope_dim] in place (cos/sin: [rope_dim // 2] for this position).
+
+    Strict arithmetic (no fastmath): contracting ``a * cos - b * sin`` into an FMA is LLVM's
+    choice per compiled loop version, and a key must round the same whether its token is
+    evaluated alone or in a batch (speculative verification reproduces decoding bit for bit)."""
     half = rope_dim // 2
     if neox:  # pairs (j, j + half)
         for j in range(half):
@@ -82,7 +86,7 @@ def _rope(vec, base, cos, sin, rope_dim, neox):
 
 @njit(nogil=True, fastmath=True, cache=True)
 def forward_worker(tid, nthr, sync,
-                   blob, wtab, gtab, norms, bias, out_norm, icfg, eps,
+                   blob, wtab, gtab, norms, bias, out_norm, icfg, eps, skip,
                    tokens, pos0, cos, sin, cos_s, sin_s, kcache, vcache, rkcache, rvcache, kvcfg,
                    slots, slot_pos, x, xb, q, qs, k, v, att, tmp, hb, hb2, scores, row, gaq, gdm,
                    gdone, vacc, logits_from, logits):
@@ -94,6 +98,9 @@ def forward_worker(tid, nthr, sync,
     gtab:   int64  [2, W_FIELDS]          token_embd and output head
     norms:  f32    [n_layers, 2, dim]     attention and MLP RMSNorm weights
     bias:   f32    [n_layers, q_dim + 2 kv_dim]  Q/K/V biases (zeros when the model has none)
+    skip:   uint8  [n_layers]             1: the layer is skipped (the residual stream passes it
+                                          unchanged and its cache rows are not written) -- the
+                                          self-speculative drafter (runtime/speculative)
     tokens: int64  [n]; their counters (positions in the sequence) are pos0 .. pos0 + n - 1
     cos/sin: f32   [n, rope_dim // 2]     rotation of each token's counter
     cos_s/sin_s: f32 [n, rope_dim // 2]   rotation of each query for the attention sinks
@@ -137,6 +144,8 @@ def forward_worker(tid, nthr, sync,
     spin_barrier(sync, nthr)
 
     for layer in range(n_layers):
+        if skip[layer]:
+            continue
         wl = wtab[layer]
         kc, vc, rk, rv = kcache[layer], vcache[layer], rkcache[layer], rvcache[layer]
 

@@ -16,8 +16,9 @@ Numerics. Products with few activation vectors (``matvec_blocks``; ``matmul_bloc
 exact integer arithmetic, and sum_b (d_w,b * d_x,b) * isum_b + m_b * (d_x,b * sum(xq_b)) is
 accumulated in float32. That runs ~2x faster than decoding the weights to float, at the cost of
 the activation rounding: |error| <= sum_k |W_k| * 0.6 d_x,b(k). Each (row, token) sum is
-formed in the same order by every kernel, so a small batched product equals the per-token
-matvecs bit for bit: speculative verification sees exactly the logits of one-token decoding.
+formed by the same inlined function (``_rows2_tok1``, with the same pairing of rows), so a small
+batched product equals the per-token matvecs bit for bit: speculative verification sees exactly
+the logits of one-token decoding (tests/test_speculative.py checks it on every weight type).
 
 Prefill-sized batches decode a tile of rows to float32 once and run a register-blocked FMA
 kernel (``MR`` rows x ``NT`` tokens) over it: exact weights, float32 accumulation.
@@ -130,33 +131,6 @@ def _rows_tok1(block, dot, bpb, w, nb, xq, q0, dx, xs, s0, out, r0, r1):
 
 
 @njit(nogil=True, inline="always", cache=True)
-def _row1_tok4(block, dot, bpb, w, o, nb, xq, cols, t0, t1, t2, t3, dx, xs):
-    """One row times four quantized tokens: each block is decoded once for all four, and each
-    (row, token) sum is formed exactly as in ``_rows2_tok1``."""
-    acc0 = vzero()
-    acc1 = vzero()
-    acc2 = vzero()
-    acc3 = vzero()
-    bias0 = np.float32(0.0)
-    bias1 = np.float32(0.0)
-    bias2 = np.float32(0.0)
-    bias3 = np.float32(0.0)
-    for b in range(nb):
-        prefetch(w, o + b * bpb + PREFETCH_BYTES)
-        q, d, m = block(w, o + b * bpb)
-        k = b * QK
-        acc0 = vfma(dot(q, load_i8x32(xq, t0 * cols + k)), vsplat(d * dx[t0 * nb + b]), acc0)
-        acc1 = vfma(dot(q, load_i8x32(xq, t1 * cols + k)), vsplat(d * dx[t1 * nb + b]), acc1)
-        acc2 = vfma(dot(q, load_i8x32(xq, t2 * cols + k)), vsplat(d * dx[t2 * nb + b]), acc2)
-        acc3 = vfma(dot(q, load_i8x32(xq, t3 * cols + k)), vsplat(d * dx[t3 * nb + b]), acc3)
-        bias0 = sfma(m, xs[t0 * nb + b], bias0)
-        bias1 = sfma(m, xs[t1 * nb + b], bias1)
-        bias2 = sfma(m, xs[t2 * nb + b], bias2)
-        bias3 = sfma(m, xs[t3 * nb + b], bias3)
-    return vhsum(acc0) + bias0, vhsum(acc1) + bias1, vhsum(acc2) + bias2, vhsum(acc3) + bias3
-
-
-@njit(nogil=True, inline="always", cache=True)
 def matvec_blocks(block, dot, bpb, w, cols, x, out, r0, r1):
     """out[r] = W[r] . x for r in [r0, r1), int8-activation path (``bpb``: bytes per block)."""
     _check_blocks(cols)
@@ -178,13 +152,17 @@ def _matmul_int8(block, dot, bpb, w, cols, X, out, r0, r1):
     xs = np.empty(n * nb, np.float32)
     quantize_activations(X, n, cols, xq, dx, xs)
     rb = nb * bpb
-    full = n - n % 4
-    for t in range(0, full, 4):
-        for r in range(r0, r1):
-            out[t, r], out[t + 1, r], out[t + 2, r], out[t + 3, r] = _row1_tok4(
-                block, dot, bpb, w, r * rb, nb, xq, cols, t, t + 1, t + 2, t + 3, dx, xs)
-    for t in range(full, n):  # 1-3 leftover tokens: one at a time, as in matvec
-        _rows_tok1(block, dot, bpb, w, nb, xq, t * cols, dx, xs, t * nb, out[t], r0, r1)
+    # Each (row pair, token) goes through matvec's own ``_rows2_tok1`` with matvec's pairing of
+    # rows: the same instructions in the same order, so every token's result equals its matvec
+    # bit for bit -- speculative verification reproduces one-token decoding exactly. (A 4-token
+    # kernel sharing the block decoding was ~1.1x faster, but LLVM contracted its float
+    # operations differently, so its sums differed from matvec's in the last bit.) The two rows
+    # stay in L1 across the tokens: the weights are read from memory once.
+    for r in range(r0, r1, 2):
+        r2 = min(r + 1, r1 - 1)
+        for t in range(n):
+            out[t, r], out[t, r2] = _rows2_tok1(block, dot, bpb, w, r * rb, r2 * rb, nb, xq, t * cols, dx, xs,
+                                                t * nb)
 
 
 @njit(nogil=True, inline="always", cache=True)

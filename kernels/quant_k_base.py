@@ -32,10 +32,9 @@ single bytes, in natural order.
 
 Numerics. Weights are ggml's (float32 scale times small integer, plus the additive term);
 products accumulate in float32. The dot products are compiled *without* fastmath, with
-explicit fused multiply-adds (:func:`~.quant_k_simd.fmaf`), and :func:`dot_rows` sums every
-(row, token) product in the same order whatever the number of tokens: below
-GEMM_MIN_TOKENS, ``matmul`` equals the per-token ``matvec`` bit for bit, so speculative
-verification sees exactly the logits of one-token decoding. (With fastmath, LLVM rounds the
+explicit fused multiply-adds (:func:`~.quant_k_simd.fmaf`); below GEMM_MIN_TOKENS,
+``matmul`` runs each token through the same one-token :func:`dot_rows` as ``matvec`` and equals
+it bit for bit, so speculative verification sees exactly the logits of one-token decoding. (With fastmath, LLVM rounds the
 same code differently depending on the caller it is inlined into; that is also why the
 public kernels are not fastmath.) The GEMM path for larger batches (prefill) sums in tile
 order: same accuracy, different last bits.
@@ -299,9 +298,9 @@ def matmul_blocks(w, cols, X, out, r0, r1, block_bytes, group, scales, values, r
     """out[i, r] = W[r, :] . X[i, :] for every token i and r in [r0, r1).
 
     Fewer than GEMM_MIN_TOKENS tokens (speculative verification): ``rows_kernel`` (the type's
-    :func:`dot_rows`) decodes each row once per group of 4 tokens (a group of 2-3 repeats its
-    last token; a last single token is done alone). More: dequantize tiles once for all
-    tokens and run the register-blocked float32 kernel.
+    :func:`dot_rows`) one token at a time over tiles of RT rows, exactly as matvec computes
+    each token. More: dequantize tiles once for all tokens and run the register-blocked
+    float32 kernel.
     """
     n = X.shape[0]
     if r1 <= r0 or n == 0:
@@ -309,11 +308,13 @@ def matmul_blocks(w, cols, X, out, r0, r1, block_bytes, group, scales, values, r
     if n < GEMM_MIN_TOKENS:
         XP = permute32(X)
         XS = group_sums(X, group)
-        for i0 in range(0, n, 4):
-            if n - i0 == 1:
-                rows_kernel(w, cols, XP[i0:], XS[i0:], out[i0:], r0, r1, 1)
-            else:
-                rows_kernel(w, cols, XP[i0:], XS[i0:], out[i0:], r0, r1, 4)
+        # Tiles of rows, each token through the one-token kernel matvec uses: its sums equal
+        # matvec's bit for bit (the 4-token variant was rounded differently by LLVM), and a
+        # tile's weights stay in cache across the tokens.
+        for t0 in range(r0, r1, RT):
+            t1 = min(r1, t0 + RT)
+            for i in range(n):
+                rows_kernel(w, cols, XP[i:], XS[i:], out[i:], t0, t1, 1)
         return
     row_bytes = cols // QK_K * block_bytes
     kc = min(cols, KC)

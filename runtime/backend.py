@@ -23,11 +23,17 @@ class Backend(Protocol):
         ``spec`` never runs out of room)."""
         ...
 
-    def forward(self, tokens: Sequence[int], cache: KVCache, logits_from: int | None = None) -> np.ndarray:
+    def forward(self, tokens: Sequence[int], cache: KVCache, logits_from: int | None = None,
+                skip_layers: frozenset[int] = frozenset()) -> np.ndarray:
         """Evaluate ``tokens`` at positions ``cache.offset ...`` and append them to the cache.
 
         Returns float32 logits ``[len(tokens) - logits_from, vocab]`` for the tokens from index
-        ``logits_from`` on (default: only the last token).
+        ``logits_from`` on (default: only the last token). The layers in ``skip_layers`` are
+        skipped (the self-speculative drafter); their cache rows for these tokens are left
+        unwritten, so such a pass is always rolled back with ``trim``.
+
+        A pass of up to 8 tokens computes each token's logits bit for bit as a pass of that
+        token alone would: speculative verification reproduces plain decoding exactly.
         """
         ...
 

@@ -6,6 +6,7 @@ knows about text: ``runtime.model`` turns the token stream into streamed, stop-c
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
@@ -14,6 +15,7 @@ import numpy as np
 from .backend import Backend
 from .kv_cache import KVCache
 from .sampling import Sampler
+from .speculative import SpecStats, Speculator
 
 
 @dataclass
@@ -23,12 +25,13 @@ class GenerationStats:
     prompt_tokens: int = 0      # tokens in the prompt
     cached_tokens: int = 0      # of which were reused from the KV cache (not evaluated again)
     generated_tokens: int = 0   # tokens yielded (an end-of-generation token is not counted)
-    decode_steps: int = 0       # single-token forward passes
+    decode_steps: int = 0       # tokens evaluated after the prompt (one per step without speculation)
     prefill_s: float = 0.0
     decode_s: float = 0.0
     ttft_s: float = 0.0         # time to first token, from the call
     cpu_s: float = 0.0          # process CPU time over the call
     finish_reason: str = ""     # "stop" (EOG or stop string), "length" (max_tokens or context full)
+    spec: SpecStats = field(default_factory=SpecStats)  # what speculative decoding did
     _t0: float = field(default=0.0, repr=False)
 
     @property
@@ -73,11 +76,16 @@ def generate_tokens(
     max_tokens: int,
     eog_ids: frozenset[int],
     stats: GenerationStats,
+    speculator: Speculator | None = None,
 ) -> Iterator[int]:
     """Yield sampled tokens after evaluating ``new_tokens`` (appended to the cached ``history``).
 
     ``history`` is the token list the cache holds and is kept in step with it, so a caller that
     stops early (closes the generator) still knows exactly what the cache contains.
+
+    With a ``speculator`` each step may evaluate several tokens at once (``runtime.speculative``):
+    the accepted drafts wait in ``pending`` -- already in the cache -- and are yielded one by one,
+    so the caller sees the same stream, stop handling and cache contents as without one.
     """
     t = time.perf_counter()
     logits = prefill(backend, cache, new_tokens) if len(new_tokens) else None
@@ -85,25 +93,43 @@ def generate_tokens(
     stats.prefill_s = time.perf_counter() - t
     if logits is None:
         raise ValueError("nothing to evaluate: the prompt is empty and already cached")
+    if max_tokens <= 0:
+        stats.finish_reason = "length"
+        return
+    pending = deque([sampler.sample(logits, history)])  # next tokens; all but the last are in the cache
+    stats.ttft_s = time.perf_counter() - stats._t0
     t_decode = time.perf_counter()
     try:
-        for i in range(max_tokens):
-            token = sampler.sample(logits, history)
-            if i == 0:
-                stats.ttft_s = time.perf_counter() - stats._t0
-                t_decode = time.perf_counter()
+        while True:
+            token = pending.popleft()
             if token in eog_ids:
                 stats.finish_reason = "stop"
                 return
             stats.generated_tokens += 1
             yield token
-            if i == max_tokens - 1:
+            if stats.generated_tokens == max_tokens:
                 break
+            if pending:  # an accepted draft: already evaluated
+                continue
             if cache.offset >= cache.n_ctx:  # context full: end like max_tokens
                 break
-            logits = decode_one_token(backend, cache, token)
+            if speculator is None:
+                logits = decode_one_token(backend, cache, token)
+                history.append(token)
+                pending.append(sampler.sample(logits, history))
+                stats.decode_steps += 1
+                continue
+            accepted, nxt = speculator.step(backend, cache, token, history, sampler,
+                                            budget=max_tokens - stats.generated_tokens)
+            cut = next((j for j, d in enumerate(accepted) if d in eog_ids), None)
+            if cut is not None:  # an accepted end-of-generation token: keep it out of the cache
+                cache.trim(len(accepted) - cut)
+                accepted, nxt = accepted[:cut], accepted[cut]
             history.append(token)
-            stats.decode_steps += 1
+            history.extend(accepted)
+            pending.extend(accepted)
+            pending.append(nxt)
+            stats.decode_steps += 1 + len(accepted)
         stats.finish_reason = "length"
     finally:
         stats.decode_s = time.perf_counter() - t_decode

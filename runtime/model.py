@@ -32,6 +32,8 @@ from .kv_cache import DEFAULT_RESIDUAL, KVSpec, reuse_prefix
 from .gguf import GGUFFile
 from .numba_backend import NumbaBackend
 from .sampling import Sampler, SamplingParams, stream_text
+from .spec_calibrate import Calibration, calibrate, calibration_text, load_calibration, save_calibration
+from .speculative import SelfDrafter, Speculator, check_mode
 from .tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -71,7 +73,7 @@ class Model:
     """A loaded model: tokenizer, chat template, backend and a generation KV cache."""
 
     def __init__(self, path: Path, gguf: GGUFFile, args: ModelArgs, threads: int, n_ctx: int,
-                 kv: KVSpec = KVSpec()):
+                 kv: KVSpec = KVSpec(), speculative: str = "auto"):
         self.path = path
         self.gguf = gguf
         self.args = args
@@ -86,6 +88,8 @@ class Model:
         self.backend = NumbaBackend(gguf, args, threads)
         self.cache = self.backend.new_cache(n_ctx, kv)
         self._history: list[int] = []  # the tokens of the sequence self.cache holds, in order
+        self.speculative = check_mode(speculative)
+        self._calibration: Calibration | None = None
         self.last_stats = GenerationStats()
 
     # ---- tokens ----
@@ -108,12 +112,19 @@ class Model:
     # ---- generation ----
     def generate(self, prompt: str | Sequence[int], max_tokens: int = 256, temperature: float = 0.8,
                  top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0,
-                 seed: int | None = None, stop: Sequence[str] | None = None) -> Iterator[str]:
-        """Stream the completion of ``prompt`` (text, or token ids) as text pieces."""
+                 seed: int | None = None, stop: Sequence[str] | None = None,
+                 speculative: str | None = None) -> Iterator[str]:
+        """Stream the completion of ``prompt`` (text, or token ids) as text pieces.
+
+        ``speculative`` ("off", "self", "lookup", "auto"; default: the model's, see ``load``)
+        chooses how tokens are drafted and verified; the output is the same either way (greedy:
+        token for token; sampling: in distribution).
+        """
         ids = self.tokenize(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                 repeat_penalty=repeat_penalty, seed=seed)
-        return self._complete(ids, params, max_tokens, stop or ())
+        mode = self.speculative if speculative is None else check_mode(speculative)
+        return self._complete(ids, params, max_tokens, stop or (), mode)
 
     def chat(self, messages: list[dict[str, Any]], **kwargs: Any) -> Iterator[str]:
         """Stream the assistant's reply to ``messages`` (``{"role", "content"}`` dicts)."""
@@ -126,8 +137,28 @@ class Model:
 
         return ChatSession(self, system)
 
+    def calibration(self, create: bool = False) -> Calibration | None:
+        """The self-speculative drafter's skip set for this model file (``runtime.spec_calibrate``):
+        cached on disk; with ``create``, searched now (about half a minute) when missing."""
+        if self._calibration is None:
+            self._calibration = load_calibration(self.path)
+        if self._calibration is None and create:
+            cal = calibrate(self.backend, lambda text: self.tokenize(text, add_bos=True), calibration_text())
+            save_calibration(self.path, cal)
+            self._calibration = cal
+        return self._calibration
+
+    def _speculator(self, mode: str, ids: list[int]) -> Speculator | None:
+        if mode == "off":
+            return None
+        drafter, k = None, 4
+        cal = self.calibration(create=mode == "self") if mode in ("self", "auto") else None
+        if cal is not None and cal.skip and (mode == "self" or cal.pays):
+            drafter, k = SelfDrafter(frozenset(cal.skip)), max(1, cal.draft_len)
+        return Speculator(mode, drafter, ids, self_draft=k)
+
     def _complete(self, ids: list[int], params: SamplingParams, max_tokens: int,
-                  stop: Sequence[str]) -> Iterator[str]:
+                  stop: Sequence[str], speculative: str = "off") -> Iterator[str]:
         if not ids:
             raise ValueError("empty prompt: nothing to continue from")
         if max_tokens < 0:
@@ -135,19 +166,23 @@ class Model:
         params.validate()
         if self.kv.window is None and len(ids) > self.n_ctx:
             raise ContextOverflowError(len(ids), self.n_ctx)
-        return self._stream(ids, params, max_tokens, stop)
+        return self._stream(ids, params, max_tokens, stop, speculative)
 
     def _reuse_prefix(self, ids: list[int]) -> int:
         """Trim the cache to the longest prefix it shares with ``ids``; returns its length."""
         return reuse_prefix(self.cache, self._history, ids)
 
     def _stream(self, ids: list[int], params: SamplingParams, max_tokens: int,
-                stop: Sequence[str]) -> Iterator[str]:
+                stop: Sequence[str], speculative: str = "off") -> Iterator[str]:
         stats = self.last_stats = GenerationStats(prompt_tokens=len(ids), _t0=time.perf_counter())
         cpu0 = time.process_time()
         stats.cached_tokens = self._reuse_prefix(ids)
+        spec = self._speculator(speculative, ids)
+        if spec is not None:
+            spec.stats = stats.spec
         tokens = generate_tokens(self.backend, self.cache, ids[stats.cached_tokens:], self._history,
-                                 Sampler(params, self.n_vocab), max_tokens, self.tokenizer.eog_ids, stats)
+                                 Sampler(params, self.n_vocab), max_tokens, self.tokenizer.eog_ids, stats,
+                                 spec)
         try:
             yield from stream_text(tokens, self.tokenizer.stream_decoder(), stop,
                                    lambda: setattr(stats, "finish_reason", "stop"))
@@ -181,7 +216,7 @@ def load(model: str | os.PathLike = "smollm2-135m-instruct", threads: int | None
          n_ctx: int | None = None, kv_bits: int = 16, kv_bits_k: int | None = None,
          kv_bits_v: int | None = None, kv_window: int | None = None, n_sink: int = 4,
          kv_residual: int = DEFAULT_RESIDUAL, memory_budget: int | str | None = None,
-         kv_caches: int = 1) -> Model:
+         kv_caches: int = 1, speculative: str = "auto") -> Model:
     """Load a model by short name or GGUF path (pulling a known default on first use).
 
     ``kv_bits`` (16, 8 or 4) sets how keys and values are cached; ``kv_bits_k``/``kv_bits_v``
@@ -193,7 +228,13 @@ def load(model: str | os.PathLike = "smollm2-135m-instruct", threads: int | None
     Before loading, the governor checks that weights, ``kv_caches`` full KV caches and the runtime
     fit in available memory (``InsufficientMemoryError`` otherwise); ``memory_budget`` (bytes or
     "1.5GB") makes it pick the largest KV cache kind, no larger than the one asked for, that fits.
+
+    ``speculative`` is the default decoding mode of ``generate``/``chat`` (``runtime.speculative``):
+    "auto" drafts by prompt lookup, and with skipped layers when the model's calibration (made
+    once by a "self" run) predicts a speedup, and pauses drafting whenever it does not pay;
+    "self" and "lookup" force one drafter; "off" decodes one token per pass.
     """
+    check_mode(speculative)
     kv = KVSpec(bits_k=kv_bits if kv_bits_k is None else kv_bits_k,
                 bits_v=kv_bits if kv_bits_v is None else kv_bits_v, window=kv_window, n_sink=n_sink,
                 residual=kv_residual)
@@ -210,7 +251,7 @@ def load(model: str | os.PathLike = "smollm2-135m-instruct", threads: int | None
         print("edgelm: compiling CPU kernels (first launch only, about a minute)...", file=sys.stderr, flush=True)
     if kv.bits_k != 16 or kv.bits_v != 16:
         row_bytes(min(kv.bits_k, kv.bits_v), args.head_dim)  # a quantized cache needs head_dim % 32 == 0
-    m = Model(path, gguf, args, threads, n_ctx, kv)
+    m = Model(path, gguf, args, threads, n_ctx, kv, speculative)
     m.backend.forward([0], m.backend.new_cache(1))  # compile (or load from the disk cache) now, not mid-reply
     release_free_memory()
     return m

@@ -92,6 +92,7 @@ class NumbaBackend:
             self._icfg[key] = value
         self._eps = np.float32(args.rms_eps)
         self._buffers: dict[tuple[int, int], tuple[np.ndarray, ...]] = {}
+        self._skip_masks: dict[frozenset[int], np.ndarray] = {}
 
     # ---- weights ----
     def _table_row(self, name: str, rows: int, cols: int) -> np.ndarray:
@@ -157,7 +158,8 @@ class NumbaBackend:
                 self._buffers[key] = bufs
         return bufs
 
-    def forward(self, tokens: Sequence[int], cache: KVCache, logits_from: int | None = None) -> np.ndarray:
+    def forward(self, tokens: Sequence[int], cache: KVCache, logits_from: int | None = None,
+                skip_layers: frozenset[int] = frozenset()) -> np.ndarray:
         toks = np.asarray(tokens, dtype=np.int64).reshape(-1)
         n = len(toks)
         if n == 0:
@@ -173,15 +175,29 @@ class NumbaBackend:
             raise ContextOverflowError(cache.offset + n, cache.n_ctx)
         if not isinstance(cache, SlotKVCache):
             raise TypeError(f"the numba backend needs its own cache (new_cache()), got {type(cache).__name__}")
+        skip = self._skip_mask(skip_layers)
         out = np.empty((n - logits_from, self.args.vocab_size), dtype=np.float32)
         for c0 in range(0, n, MAX_BATCH):
             c1 = min(n, c0 + MAX_BATCH)
             lf = min(max(logits_from - c0, 0), c1 - c0)
             start, end = max(c0, logits_from), max(c1, logits_from)
-            self._forward_chunk(toks[c0:c1], cache, lf, out[start - logits_from:end - logits_from])
+            self._forward_chunk(toks[c0:c1], cache, lf, out[start - logits_from:end - logits_from], skip)
         return out
 
-    def _forward_chunk(self, toks: np.ndarray, cache: SlotKVCache, logits_from: int, logits: np.ndarray) -> None:
+    def _skip_mask(self, skip_layers: frozenset[int]) -> np.ndarray:
+        """uint8 [n_layers] mask of the layers to skip (cached per set: a draft step allocates nothing)."""
+        mask = self._skip_masks.get(skip_layers)
+        if mask is None:
+            bad = [l for l in skip_layers if not 0 <= l < self.args.n_layers]
+            if bad:
+                raise ValueError(f"skip_layers: layer {bad[0]} outside [0, {self.args.n_layers})")
+            mask = np.zeros(self.args.n_layers, dtype=np.uint8)
+            mask[list(skip_layers)] = 1
+            self._skip_masks[frozenset(skip_layers)] = mask
+        return mask
+
+    def _forward_chunk(self, toks: np.ndarray, cache: SlotKVCache, logits_from: int, logits: np.ndarray,
+                       skip: np.ndarray) -> None:
         n = len(toks)
         pos0 = cache.reserve(n)
         positions = np.arange(pos0, pos0 + n)
@@ -190,7 +206,7 @@ class NumbaBackend:
         cos_s, sin_s = (cos, sin) if sink_pos is None else rope_tables(sink_pos, self.args)
         x, xb, q, qs, *rest = self._scratch(n, cache.slots)
         self.team.run(forward_worker, self._blob, self._wtab, self._gtab, self._norms, self._bias,
-                      self._out_norm, self._icfg, self._eps, toks, pos0, cos, sin, cos_s, sin_s,
+                      self._out_norm, self._icfg, self._eps, skip, toks, pos0, cos, sin, cos_s, sin_s,
                       cache.k, cache.v, cache.rk, cache.rv, cache.kvcfg(sink_pos is not None), cache.pending_slots,
                       cache.slot_pos, x, xb, q, qs, *rest, logits_from, logits)
         cache.update(n)

@@ -130,6 +130,16 @@ class Sampler:
         i = int(np.searchsorted(cdf, self._rng.random() * total, side="right"))
         return int(ids[min(i, int(np.searchsorted(cdf, total, side="left")))])
 
+    def random(self) -> float:
+        """A uniform draw in [0, 1) from the sampler's stream (speculative acceptance tests)."""
+        return float(self._rng.random())
+
+    def draw(self, ids: np.ndarray, p: np.ndarray) -> int:
+        """Draw one of ``ids`` with probabilities ``p`` (summing to 1) from the sampler's stream."""
+        cdf = np.cumsum(p)
+        i = int(np.searchsorted(cdf, self._rng.random() * cdf[-1], side="right"))
+        return int(ids[min(i, len(ids) - 1)])
+
     def _weights(self, logits: np.ndarray, history: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         """Run the chain: candidate ids and their unnormalized float64 weights ``exp((x - max) / T)``."""
         x = self._penalized_logits(logits, history)
