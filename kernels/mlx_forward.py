@@ -140,10 +140,11 @@ def _mlp(x: mx.array, lw: LayerWeights, eps: float) -> mx.array:
 
 
 def forward(weights: Weights, args: ModelArgs, rope: Rope, tokens: mx.array, cache, pos0: int,
-            positions: np.ndarray, logits_from: int, skip_layers: frozenset[int] = frozenset()) -> mx.array:
+            positions: np.ndarray, logits_from: int, skip_layers: frozenset[int] = frozenset()) -> mx.array | None:
     """Logits float32 [n - logits_from, vocab] of ``tokens`` int32 [n] at ``positions``
     (``pos0 ...``), whose cache slots ``cache`` has reserved; writes their keys and values.
-    Layers in ``skip_layers`` are left out (self-speculative drafting)."""
+    Layers in ``skip_layers`` are left out (self-speculative drafting). None when no logits
+    are asked for (logits_from == n: MLX's matrix products do not take 0 rows)."""
     n = tokens.shape[0]
     hd, eps = args.head_dim, args.rms_eps
     scale = hd ** -0.5
@@ -168,5 +169,7 @@ def forward(weights: Weights, args: ModelArgs, rope: Rope, tokens: mx.array, cac
             att = _attention_with_sinks(qr, rope.at(q, sink_pos), keys, values, cache.n_sink, mask, scale)
         x = x + lw.o.matmul(att.transpose(0, 2, 1, 3).reshape(1, n, args.q_dim))
         x = _mlp(x, lw, eps)
+    if logits_from >= n:
+        return None
     x = mx.fast.rms_norm(x[0, logits_from:], weights.norm, eps)
     return weights.output.matmul(x).astype(mx.float32)

@@ -191,8 +191,10 @@ class MLXBackend:
         logits = forward(self.weights, self.args, self.rope, mx.array(toks.astype(np.int32)), cache, pos0,
                          positions, logits_from, skip)
         state = [a for layer in (*cache.keys, *cache.values) for a in layer]
-        mx.eval(logits, *state)
+        mx.eval(*state, *([] if logits is None else [logits]))
         cache.update(n)
+        if logits is None:
+            return np.zeros((0, self.args.vocab_size), dtype=np.float32)
         return np.array(logits, copy=False)
 
     def close(self) -> None:

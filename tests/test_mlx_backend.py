@@ -250,6 +250,21 @@ def test_streaming_cache_matches_streamingllm_reference(window, n_sink, tiny):
     assert np.abs(batched - got).max() < 1e-4 * np.abs(want).max()
 
 
+@pytest.mark.parametrize("spec", [KVSpec(), KVSpec(window=16, n_sink=4)], ids=str)
+def test_long_inputs_go_in_chunks(spec, tiny):
+    """A pass takes at most 512 tokens (128 into a streaming cache); longer ones are split,
+    and every logit row comes back in place."""
+    _, backend = tiny("llama-gqa-tied-f32")
+    ids = [int(t) for t in np.random.default_rng(2).integers(0, 49152, size=600)]
+    whole = backend.forward(ids, backend.new_cache(600, spec), logits_from=540)  # rows from chunk 2 (or 5)
+    cache = backend.new_cache(600, spec)
+    for i in range(0, 500, 100):
+        backend.forward(ids[i:i + 100], cache)
+    tail = backend.forward(ids[500:], cache, logits_from=40)
+    assert whole.shape == (60, backend.args.vocab_size)
+    np.testing.assert_allclose(whole, tail, rtol=1e-4, atol=1e-4 * np.abs(tail).max())
+
+
 @pytest.mark.parametrize("spec", [KVSpec(), KVSpec(bits_k=4, bits_v=8), KVSpec(window=10, n_sink=3),
                                   KVSpec(bits_k=8, bits_v=8, window=10, n_sink=3)], ids=str)
 def test_trim_is_exact_and_counts_like_the_numba_cache(spec, tiny):
@@ -328,9 +343,10 @@ def test_bad_inputs(mlx_model):
         b.forward(list(range(9)), b.new_cache(8))
     with pytest.raises(TypeError, match="its own cache"):
         b.forward([1], SlotKVCache(1, 1, 64, 8))
-    with pytest.raises(ValueError, match="at most 128"):
-        b.forward(list(range(200)), b.new_cache(8, KVSpec(window=16)))
     assert b.forward([], b.new_cache(8)).shape == (0, b.args.vocab_size)
+    assert b.forward([1, 2], b.new_cache(8), logits_from=2).shape == (0, b.args.vocab_size)
+    with pytest.raises(ValueError, match="at most 128"):
+        b.new_cache(8, KVSpec(window=16)).reserve(129)
 
 
 def test_skip_layers_is_a_cheaper_draft(mlx_model):
