@@ -8,6 +8,7 @@ sampling, generation, apps -- is shared with the numba backend.
 from __future__ import annotations
 
 import importlib.util
+import mmap
 import platform
 from typing import Sequence
 
@@ -102,6 +103,17 @@ class MLXBackend:
         output = embed if a.tied_output else self._matrix("output.weight", a.vocab_size, a.dim)
         self.weights = Weights(embed, output, self._vector("output_norm.weight", a.dim), layers)
         self.rope = Rope(args)
+        self._release_file_pages()
+
+    def _release_file_pages(self) -> None:
+        """Drop the mapped file's pages from this process: the weights now live in MLX's
+        memory, and holding both would count them twice (pages come back if read again)."""
+        mm = getattr(self.gguf.buffer, "_mmap", None)
+        if mm is not None and hasattr(mmap, "MADV_DONTNEED"):
+            try:
+                mm.madvise(mmap.MADV_DONTNEED)
+            except OSError:
+                pass
 
     # ---- weights ----
     def _matrix(self, name: str, rows: int, cols: int):
