@@ -10,8 +10,10 @@ semantics; read its docstring and ``kernels/attention``'s), with MLX storage:
   cache, there are no 16-bit copies of recent tokens (``KVSpec.residual`` is not used here).
 * Without a window, the token at position p sits in slot p; storage grows in steps of
   ``GROW_STEP`` slots up to ``n_ctx``. With one, positions below ``n_sink`` take slots
-  0 .. n_sink - 1 and the rest go round a ring of ``window + max_batch`` slots, exactly like
-  SlotKVCache, so trimming after a batch of up to ``max_batch`` tokens is exact.
+  0 .. n_sink - 1 and the rest go round a ring of ``window + max_batch`` slots (both rounded up
+  to 32 for quantized keys), exactly like SlotKVCache, so trimming after a batch of up to
+  ``max_batch`` tokens is exact. The one difference: SlotKVCache caps a quantized cache's
+  ``max_trim`` at ``max_batch`` (its 16-bit copies of recent tokens); this cache has none.
 * Keys are rotated at their position when written; for sink keys a query sits at
   ``min(c, n_sink + window - 1)`` (:meth:`sink_positions`), as in the numba backend.
 """
@@ -49,7 +51,11 @@ class MLXKVCache:
             self._ring_start, self._ring, self._max_slots = 0, 0, n_ctx
         else:
             self.n_ctx, self.n_sink, self.window = UNBOUNDED, spec.n_sink, spec.window
-            self._ring_start, self._ring = spec.n_sink, spec.window + max_batch
+            # SlotKVCache's layout: with quantized keys it aligns the ring to its key groups of
+            # 32, which changes when tokens are evicted; mirrored so the counters match.
+            align = QUANT_GROUP if spec.bits_k != 16 else 1
+            self._ring_start = -(-spec.n_sink // align) * align
+            self._ring = -(-(spec.window + max_batch) // align) * align
             self._max_slots = self._ring_start + self._ring
         self._bytes_per_token = n_layers * n_kv_heads * (_token_bytes(spec.bits_k, head_dim)
                                                          + _token_bytes(spec.bits_v, head_dim))
