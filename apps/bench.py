@@ -54,6 +54,7 @@ class BenchConfig:
     n_sink: int = 4
     kv_residual: int = DEFAULT_RESIDUAL
     memory_budget: str | None = None  # edgelm's governor (--memory-budget)
+    backend: str = "auto"  # edgelm's backend (--backend)
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,8 @@ def run_worker(engine: str, config: BenchConfig, numba_cache: Path, startup_only
         cmd += ["--kv-window", str(config.kv_window)]
     if config.memory_budget is not None:
         cmd += ["--memory-budget", str(config.memory_budget)]
+    if engine == "edgelm" and config.backend != "auto":
+        cmd += ["--backend", config.backend]
     if startup_only:
         cmd.append("--startup-only")
     env = {**os.environ, "NUMBA_CACHE_DIR": str(numba_cache)}
@@ -168,6 +171,8 @@ def describe(config: BenchConfig, results: dict[str, dict]) -> str:
     decode = results["edgelm"].get("decode_tokens", config.decode_tokens)
     energy = results["edgelm"].get("energy")
     energy = energy if isinstance(energy, str) else f"RAPL, {energy['counter']}" if energy else "not measured"
+    backend = results["edgelm"].get("backend")
+    versions += f" ({backend} backend)" if backend else ""
     return (f"model {config.model.name}, {config.threads} threads, ctx {config.ctx}; {versions}\n"
             f"prefill {config.prefill_tokens} tokens, decode {decode} tokens greedy after a "
             f"short prompt, best of {config.repeats}; energy: {energy}")
@@ -205,7 +210,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                          decode_tokens=args.decode_tokens, repeats=args.repeats,
                          kv_bits_k=args.kv_bits_k or args.kv_bits, kv_bits_v=args.kv_bits_v or args.kv_bits,
                          kv_window=args.kv_window, n_sink=args.n_sink, kv_residual=args.kv_residual,
-                         memory_budget=args.memory_budget)
+                         memory_budget=args.memory_budget, backend=args.backend)
     report = run_bench(config, with_llama_cpp=not args.no_llama_cpp)
     if report["note"]:
         print(f"note: {report['note']}", file=sys.stderr)

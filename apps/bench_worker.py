@@ -200,6 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--n-sink", type=int, default=4)
     p.add_argument("--kv-residual", type=int, default=None)  # None: edgelm's default (no edgelm import here)
     p.add_argument("--memory-budget", default=None)
+    p.add_argument("--backend", default=None, help="edgelm's backend (default: edgelm's auto)")
     args = p.parse_args(argv)
 
     text = args.text_file.read_text(encoding="utf-8")
@@ -208,6 +209,10 @@ def main(argv: Sequence[str] | None = None) -> int:
           "n_sink": args.n_sink, "memory_budget": args.memory_budget}
     if args.kv_residual is not None:
         kv["kv_residual"] = args.kv_residual
+    if args.backend is not None:
+        if args.engine != "edgelm":
+            p.error("--backend is edgelm's option")
+        kv["backend"] = args.backend
     engine = ENGINES[args.engine](args.model, args.threads, args.ctx, **kv)
     load_s = time.perf_counter() - t_load
     runs = prompts(engine, text, args.prefill_tokens, args.repeats)
@@ -219,6 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "engine": engine.name,
         "version": engine.version,
         "threads": args.threads,
+        **({"backend": engine.model.backend.name} if hasattr(engine, "model") else {}),
         "load_s": load_s,
         "startup_s": time.time() - launched_at if launched_at is not None else None,
     }

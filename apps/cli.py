@@ -35,6 +35,7 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
 # CLI flag destination -> keyword of Model.generate/chat. Only flags the user gave are passed, so
 # the runtime stays the one owner of the defaults.
+BACKENDS = ("auto", "numba", "mlx")
 SAMPLING_FLAGS = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repeat_penalty", "seed", "stop")
 
 
@@ -44,6 +45,9 @@ def model_arguments() -> argparse.ArgumentParser:
     p.add_argument("--model", "-m", default=DEFAULT_MODEL,
                    help=f"short name ({', '.join(sorted(REGISTRY))}) or GGUF path (default: %(default)s)")
     p.add_argument("--threads", "-t", type=int, default=None, help="compute threads (default: physical cores)")
+    p.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="numba (CPU kernels), mlx (pip install 'edgelm[mlx]'), or auto: mlx on Apple "
+                        "silicon when installed, else numba (default: %(default)s)")
     g = p.add_argument_group("resource governor")
     g.add_argument("--memory-budget", default=None, metavar="SIZE",
                    help="e.g. 1.5GB or 800MiB: pick the KV bits and window that fit, refuse if none does")
@@ -107,7 +111,8 @@ def load_model(args: argparse.Namespace, n_ctx: int | None = None, kv_caches: in
     path = resolve(args.model)
     threads = choose_threads(args.threads, args.power).threads
     return edgelm.load(path, threads=threads, n_ctx=n_ctx, memory_budget=args.memory_budget,
-                       kv_caches=kv_caches, speculative=args.speculative or "auto", **kv_kwargs(args))
+                       kv_caches=kv_caches, speculative=args.speculative or "auto", backend=args.backend,
+                       **kv_kwargs(args))
 
 
 def cmd_pull(args: argparse.Namespace) -> int:

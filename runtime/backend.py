@@ -1,7 +1,7 @@
 """The backend protocol: what the model runtime needs from a compute engine.
 
-The numba backend (``runtime.numba_backend``) implements it on CPUs; an MLX backend plugs in
-the same way. A backend owns the weights and evaluates tokens against a KV cache it created;
+The numba backend (``runtime.numba_backend``) implements it on CPUs, the MLX backend
+(``runtime.mlx_backend``) on Apple silicon (and MLX's CPU build). A backend owns the weights and evaluates tokens against a KV cache it created;
 everything else -- tokenizer, sampling, generation loops, apps -- is shared.
 """
 from __future__ import annotations

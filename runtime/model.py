@@ -37,6 +37,7 @@ from .speculative import SelfDrafter, Speculator, check_mode
 from .tokenizer import Tokenizer
 
 if TYPE_CHECKING:
+    from .backend import Backend
     from .chat import ChatSession
 
 
@@ -73,7 +74,7 @@ class Model:
     """A loaded model: tokenizer, chat template, backend and a generation KV cache."""
 
     def __init__(self, path: Path, gguf: GGUFFile, args: ModelArgs, threads: int, n_ctx: int,
-                 kv: KVSpec = KVSpec(), speculative: str = "auto"):
+                 kv: KVSpec = KVSpec(), speculative: str = "auto", backend: "Backend | None" = None):
         self.path = path
         self.gguf = gguf
         self.args = args
@@ -85,7 +86,7 @@ class Model:
         self.n_vocab = args.vocab_size
         self.tokenizer = Tokenizer.from_metadata(gguf.metadata)
         self.template = ChatTemplate.from_metadata(gguf.metadata, self.tokenizer)
-        self.backend = NumbaBackend(gguf, args, threads)
+        self.backend = backend if backend is not None else NumbaBackend(gguf, args, threads)
         self.cache = self.backend.new_cache(n_ctx, kv)
         self._history: list[int] = []  # the tokens of the sequence self.cache holds, in order
         self.speculative = check_mode(speculative)
@@ -216,7 +217,7 @@ def load(model: str | os.PathLike = "smollm2-135m-instruct", threads: int | None
          n_ctx: int | None = None, kv_bits: int = 16, kv_bits_k: int | None = None,
          kv_bits_v: int | None = None, kv_window: int | None = None, n_sink: int = 4,
          kv_residual: int = DEFAULT_RESIDUAL, memory_budget: int | str | None = None,
-         kv_caches: int = 1, speculative: str = "auto") -> Model:
+         kv_caches: int = 1, speculative: str = "auto", backend: str = "auto") -> Model:
     """Load a model by short name or GGUF path (pulling a known default on first use).
 
     ``kv_bits`` (16, 8 or 4) sets how keys and values are cached; ``kv_bits_k``/``kv_bits_v``
@@ -233,8 +234,15 @@ def load(model: str | os.PathLike = "smollm2-135m-instruct", threads: int | None
     "auto" drafts by prompt lookup, and with skipped layers when the model's calibration (made
     once by a "self" run) predicts a speedup, and pauses drafting whenever it does not pay;
     "self" and "lookup" force one drafter; "off" decodes one token per pass.
+
+    ``backend``: "numba" (the CPU kernels), "mlx" (MLX: Metal on Apple silicon, its CPU build
+    elsewhere; needs ``pip install 'edgelm[mlx]'``) or "auto" (MLX on Apple silicon when mlx is
+    installed, numba elsewhere).
     """
+    from .mlx_backend import resolve_backend
+
     check_mode(speculative)
+    backend = resolve_backend(backend)
     kv = KVSpec(bits_k=kv_bits if kv_bits_k is None else kv_bits_k,
                 bits_v=kv_bits if kv_bits_v is None else kv_bits_v, window=kv_window, n_sink=n_sink,
                 residual=kv_residual)
@@ -247,11 +255,16 @@ def load(model: str | os.PathLike = "smollm2-135m-instruct", threads: int | None
         raise ValueError(f"n_ctx must be positive, got {n_ctx}")
     kv = plan_memory(path.stat().st_size, args.n_layers, args.n_kv_heads, args.head_dim, n_ctx, kv,
                      memory_budget, kv_caches).spec
-    if not _kernels_cached():
+    if backend == "numba" and not _kernels_cached():
         print("edgelm: compiling CPU kernels (first launch only, about a minute)...", file=sys.stderr, flush=True)
     if kv.bits_k != 16 or kv.bits_v != 16:
         row_bytes(min(kv.bits_k, kv.bits_v), args.head_dim)  # a quantized cache needs head_dim % 32 == 0
-    m = Model(path, gguf, args, threads, n_ctx, kv, speculative)
+    engine = None
+    if backend == "mlx":
+        from .mlx_backend import MLXBackend
+
+        engine = MLXBackend(gguf, args, threads)
+    m = Model(path, gguf, args, threads, n_ctx, kv, speculative, backend=engine)
     m.backend.forward([0], m.backend.new_cache(1))  # compile (or load from the disk cache) now, not mid-reply
     release_free_memory()
     return m
