@@ -327,10 +327,10 @@ class Speculator:
         if self.lookup is not None:
             self.lookup.reset(history)
         self.self_draft = max(1, min(MAX_DRAFT, self_draft))
-        # Lookup drafts start at one token and grow while whole drafts are accepted: on these
+        # Lookup drafts start at 3 tokens and grow while whole drafts are accepted: on these
         # 2-core CPUs each verified token costs ~0.6 of a decoding step (the dot products, not
         # the weight reads, bound a step), so long drafts pay only inside a copied passage.
-        self.lookup_draft = 1
+        self.lookup_draft = 3
         self.tuner = ThresholdTuner()
         self.pacer = Pacer() if mode == "auto" else None
         self.stats = stats if stats is not None else SpecStats()
@@ -379,8 +379,7 @@ class Speculator:
                 self.tuner.update(len(drafts), accepted, self._draft_cost)
             else:
                 st.lookup_rounds += 1
-                self.lookup_draft = (min(MAX_DRAFT, 2 * self.lookup_draft) if accepted == len(drafts)
-                                     else max(1, accepted))
+                self.lookup_draft = min(MAX_DRAFT, self.lookup_draft + 2) if accepted == len(drafts) else 3
             if self.pacer is not None:
                 self.pacer.round(time.perf_counter() - t0, accepted + 1)
                 st.paused = self.pacer.paused
