@@ -11,6 +11,7 @@ from typing import Protocol, Sequence
 import numpy as np
 
 from ..models.base import ModelArgs
+from .errors import ContextOverflowError
 from .kv_cache import KVCache, KVSpec
 
 
@@ -41,3 +42,21 @@ class Backend(Protocol):
     def weights_nbytes(self) -> int: ...
 
     def close(self) -> None: ...
+
+
+def check_forward(tokens: Sequence[int], cache: KVCache, logits_from: int | None,
+                  vocab_size: int) -> tuple[np.ndarray, int]:
+    """The checks every backend's ``forward`` makes: int64 token ids, all in the vocabulary,
+    that fit in the cache, and ``logits_from`` (default: the last token) in [0, n]."""
+    toks = np.asarray(tokens, dtype=np.int64).reshape(-1)
+    n = len(toks)
+    if logits_from is None:
+        logits_from = max(n - 1, 0)
+    if not 0 <= logits_from <= n:
+        raise ValueError(f"logits_from={logits_from} outside [0, {n}]")
+    if n and (toks.min() < 0 or toks.max() >= vocab_size):
+        bad = int(toks[(toks < 0) | (toks >= vocab_size)][0])
+        raise ValueError(f"token id {bad} outside the vocabulary [0, {vocab_size})")
+    if cache.offset + n > cache.n_ctx:
+        raise ContextOverflowError(cache.offset + n, cache.n_ctx)
+    return toks, logits_from

@@ -142,7 +142,89 @@ def cache_footprint(n_layers: int, n_kv_heads: int, head_dim: int, n_ctx: int, s
             min(lay.n_recent, lay.slots) * heads * 2 * row_bytes(16, head_dim))
 
 
-class SlotKVCache:
+class SlotBook:
+    """Slot bookkeeping shared by the backends' caches: counters, the sinks + ring layout of a
+    streaming window, ``trim``. A subclass sets ``spec``, ``n_sink``, ``window``, ``slot_pos``,
+    ``_ring_start``, ``_ring``, ``_bytes_per_token`` and the counters (see ``reset``), and
+    assigns slots in ``reserve``."""
+
+    @property
+    def offset(self) -> int:
+        return self._offset
+
+    @property
+    def held(self) -> int:
+        return self._offset - self._evicted
+
+    @property
+    def evicted(self) -> int:
+        return self._evicted
+
+    @property
+    def bytes_per_token(self) -> int:
+        return self._bytes_per_token
+
+    @property
+    def slots(self) -> int:
+        return self.slot_pos.shape[0]
+
+    def _slot(self, ring_index: int) -> int:
+        return self._ring_start + ring_index % self._ring
+
+    def sink_positions(self, positions: np.ndarray) -> np.ndarray | None:
+        """Where queries at ``positions`` sit for the sink keys (their position within the
+        cache), or None when that is their own position for every query (``kernels/attention``)."""
+        if self.spec.window is None or self.n_sink == 0:
+            return None
+        last = self.n_sink + self.window - 1
+        if positions[-1] <= last:
+            return None
+        return np.minimum(positions, last)
+
+    def _reserve_window(self, pos0: int, n: int) -> None:
+        """Slots for tokens pos0 .. pos0 + n - 1 of a streaming cache: sinks keep their own,
+        window tokens go round the ring, evicting the oldest when it is full."""
+        pending = np.empty(n, dtype=np.int64)
+        for i in range(n):
+            pos = pos0 + i
+            if pos < self.n_sink:
+                slot = pos
+            else:
+                if self._ring_held == self._ring:  # evict the oldest window token
+                    self.slot_pos[self._slot(self._ring_first)] = -1
+                    self._ring_first += 1
+                    self._ring_held -= 1
+                    self._evicted += 1
+                slot = self._slot(self._ring_first + self._ring_held)
+                self._ring_held += 1
+            self.slot_pos[slot] = pos
+            pending[i] = slot
+            self._high = max(self._high, slot + 1)
+        self._pending = pending
+
+    def update(self, n: int) -> None:
+        if n != len(self._pending):
+            raise ValueError(f"update({n}) after reserving {len(self._pending)} tokens")
+        self._offset += n
+        self._pending = self._pending[:0]
+
+    def trim(self, n: int) -> int:
+        """Drop the last ``n`` tokens (at most :attr:`max_trim`); returns how many were dropped."""
+        n = max(0, min(n, self.max_trim))
+        for _ in range(n):
+            self._offset -= 1
+            pos = self._offset
+            if pos < self.n_sink or self.spec.window is None:
+                self.slot_pos[pos] = -1
+            else:
+                self._ring_held -= 1
+                self.slot_pos[self._slot(self._ring_first + self._ring_held)] = -1
+        if self.spec.window is None:
+            self._high = self._offset
+        return n
+
+
+class SlotKVCache(SlotBook):
     """Keys and values of every layer in slots of fixed-size rows (the numba backend's cache).
 
     k: uint8 [n_layers, n_kv_heads, slots, 2 head_dim] 16-bit rows, or for quantized keys
@@ -200,30 +282,10 @@ class SlotKVCache:
         self._high = 0  # slots [0, _high) may be in use: what attention scans
 
     @property
-    def offset(self) -> int:
-        return self._offset
-
-    @property
-    def held(self) -> int:
-        return self._offset - self._evicted
-
-    @property
-    def evicted(self) -> int:
-        return self._evicted
-
-    @property
-    def bytes_per_token(self) -> int:
-        return self._bytes_per_token
-
-    @property
     def nbytes(self) -> int:
         """Bytes of the tokens held, plus their 16-bit copies in a quantized cache."""
         recent = min(self._offset, self.n_recent) * self._recent_bytes_per_token
         return self.held * self._bytes_per_token + recent
-
-    @property
-    def slots(self) -> int:
-        return self.slot_pos.shape[0]
 
     @property
     def max_trim(self) -> int:
@@ -237,9 +299,6 @@ class SlotKVCache:
         return n
 
     # ---- writing ----
-    def _slot(self, ring_index: int) -> int:
-        return self._ring_start + ring_index % self._ring
-
     def reserve(self, n: int) -> int:
         """Assign slots to the next ``n`` tokens (evicting the oldest window tokens if needed);
         returns the first one's position. The slots are in :attr:`pending_slots`."""
@@ -253,23 +312,7 @@ class SlotKVCache:
             return pos0
         if n > self.max_batch:
             raise ValueError(f"a streaming cache takes at most {self.max_batch} tokens at a time, got {n}")
-        pending = np.empty(n, dtype=np.int64)
-        for i in range(n):
-            pos = pos0 + i
-            if pos < self.n_sink:
-                slot = pos
-            else:
-                if self._ring_held == self._ring:  # evict the oldest window token
-                    self.slot_pos[self._slot(self._ring_first)] = -1
-                    self._ring_first += 1
-                    self._ring_held -= 1
-                    self._evicted += 1
-                slot = self._slot(self._ring_first + self._ring_held)
-                self._ring_held += 1
-            self.slot_pos[slot] = pos
-            pending[i] = slot
-            self._high = max(self._high, slot + 1)
-        self._pending = pending
+        self._reserve_window(pos0, n)
         return pos0
 
     @property
@@ -277,42 +320,11 @@ class SlotKVCache:
         """int64 [n]: the slots :meth:`reserve` gave the tokens being written."""
         return self._pending
 
-    def sink_positions(self, positions: np.ndarray) -> np.ndarray | None:
-        """Where queries at ``positions`` sit for the sink keys (their position within the
-        cache), or None when that is their own position for every query."""
-        if self.spec.window is None or self.n_sink == 0:
-            return None
-        last = self.n_sink + self.window - 1
-        if positions[-1] <= last:
-            return None
-        return np.minimum(positions, last)
-
     def kvcfg(self, sink_queries: bool) -> np.ndarray:
         """The int64 description the compiled forward pass reads (``kernels.forward.K_*``);
         one array per cache, updated in place (a decode step allocates nothing here)."""
         self._kvcfg[4], self._kvcfg[5] = self._high, int(sink_queries)
         return self._kvcfg
-
-    def update(self, n: int) -> None:
-        if n != len(self._pending):
-            raise ValueError(f"update({n}) after reserving {len(self._pending)} tokens")
-        self._offset += n
-        self._pending = self._pending[:0]
-
-    def trim(self, n: int) -> int:
-        """Drop the last ``n`` tokens (at most :attr:`max_trim`); returns how many were dropped."""
-        n = max(0, min(n, self.max_trim))
-        for _ in range(n):
-            self._offset -= 1
-            pos = self._offset
-            if pos < self.n_sink or self.spec.window is None:
-                self.slot_pos[pos] = -1
-            else:
-                self._ring_held -= 1
-                self.slot_pos[self._slot(self._ring_first + self._ring_held)] = -1
-        if self.spec.window is None:
-            self._high = self._offset
-        return n
 
 
 def reuse_prefix(cache: KVCache, history: list[int], ids: Sequence[int]) -> int:

@@ -16,8 +16,9 @@ import numpy as np
 
 from ..models.base import BIAS_SLOTS, ModelArgs, layer_tensor_name
 from . import affine
-from .errors import ContextOverflowError, EdgeLMError, ModelFormatError
+from .errors import EdgeLMError, ModelFormatError
 from .gguf import GGUFFile
+from .backend import check_forward
 from .kv_cache import KVCache, KVSpec
 from .quants import GGMLType
 
@@ -167,19 +168,10 @@ class MLXBackend:
         draft: their cache rows for these tokens are not written)."""
         from .mlx_cache import MLXKVCache
 
-        toks = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        toks, logits_from = check_forward(tokens, cache, logits_from, self.args.vocab_size)
         n = len(toks)
         if n == 0:
             return np.zeros((0, self.args.vocab_size), dtype=np.float32)
-        if logits_from is None:
-            logits_from = n - 1
-        if not 0 <= logits_from <= n:
-            raise ValueError(f"logits_from={logits_from} outside [0, {n}]")
-        if toks.min() < 0 or toks.max() >= self.args.vocab_size:
-            bad = int(toks[(toks < 0) | (toks >= self.args.vocab_size)][0])
-            raise ValueError(f"token id {bad} outside the vocabulary [0, {self.args.vocab_size})")
-        if cache.offset + n > cache.n_ctx:
-            raise ContextOverflowError(cache.offset + n, cache.n_ctx)
         if not isinstance(cache, MLXKVCache):
             raise TypeError(f"the mlx backend needs its own cache (new_cache()), got {type(cache).__name__}")
         skip = frozenset(skip_layers or ())

@@ -23,7 +23,7 @@ import mlx.core as mx
 import numpy as np
 
 from .errors import ContextOverflowError
-from .kv_cache import UNBOUNDED, KVSpec
+from .kv_cache import UNBOUNDED, KVSpec, SlotBook
 
 QUANT_GROUP = 32  # values of head_dim per scale/bias of a quantized cache
 GROW_STEP = 256   # slots added at a time to an unbounded-window cache
@@ -37,7 +37,7 @@ def _token_bytes(bits: int, head_dim: int) -> int:
     return head_dim * bits // 8 + 2 * 2 * (head_dim // QUANT_GROUP)
 
 
-class MLXKVCache:
+class MLXKVCache(SlotBook):
     """Keys and values of every layer as MLX arrays, with SlotKVCache's slot bookkeeping."""
 
     def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, n_ctx: int,
@@ -98,39 +98,16 @@ class MLXKVCache:
         self._high = 0  # slots [0, _high) may be in use: what attention reads
         self._pending = np.zeros(0, dtype=np.int64)
 
-    # ---- protocol ----
-    @property
-    def offset(self) -> int:
-        return self._offset
-
-    @property
-    def held(self) -> int:
-        return self._offset - self._evicted
-
-    @property
-    def evicted(self) -> int:
-        return self._evicted
-
-    @property
-    def bytes_per_token(self) -> int:
-        return self._bytes_per_token
-
+    # ---- protocol (counters, update, trim, sink_positions: SlotBook) ----
     @property
     def nbytes(self) -> int:
         return self.held * self._bytes_per_token
-
-    @property
-    def slots(self) -> int:
-        return self.slot_pos.shape[0]
 
     @property
     def max_trim(self) -> int:
         if self._evicted:  # the next query must still see the window - 1 tokens before it
             return max(0, self._ring_held - (self.window - 1))
         return self._offset
-
-    def _slot(self, ring_index: int) -> int:
-        return self._ring_start + ring_index % self._ring
 
     def reserve(self, n: int) -> int:
         """Assign slots to the next ``n`` tokens (evicting the oldest window tokens if needed);
@@ -147,57 +124,10 @@ class MLXKVCache:
         if n > self.max_batch:
             raise ValueError(f"a streaming cache takes at most {self.max_batch} tokens at a time, got {n}")
         self._grow(self._max_slots)
-        pending = np.empty(n, dtype=np.int64)
-        for i in range(n):
-            pos = pos0 + i
-            if pos < self.n_sink:
-                slot = pos
-            else:
-                if self._ring_held == self._ring:  # evict the oldest window token
-                    self.slot_pos[self._slot(self._ring_first)] = -1
-                    self._ring_first += 1
-                    self._ring_held -= 1
-                    self._evicted += 1
-                slot = self._slot(self._ring_first + self._ring_held)
-                self._ring_held += 1
-            self.slot_pos[slot] = pos
-            pending[i] = slot
-            self._high = max(self._high, slot + 1)
-        self._pending = pending
+        self._reserve_window(pos0, n)
         return pos0
 
-    def update(self, n: int) -> None:
-        if n != len(self._pending):
-            raise ValueError(f"update({n}) after reserving {len(self._pending)} tokens")
-        self._offset += n
-        self._pending = self._pending[:0]
-
-    def trim(self, n: int) -> int:
-        """Drop the last ``n`` tokens (at most :attr:`max_trim`); returns how many were dropped."""
-        n = max(0, min(n, self.max_trim))
-        for _ in range(n):
-            self._offset -= 1
-            pos = self._offset
-            if pos < self.n_sink or self.spec.window is None:
-                self.slot_pos[pos] = -1
-            else:
-                self._ring_held -= 1
-                self.slot_pos[self._slot(self._ring_first + self._ring_held)] = -1
-        if self.spec.window is None:
-            self._high = self._offset
-        return n
-
-    # ---- what the forward pass uses ----
-    def sink_positions(self, positions: np.ndarray) -> np.ndarray | None:
-        """Where queries at ``positions`` sit for the sink keys, or None when that is their own
-        position for every query (see ``kernels/attention``)."""
-        if self.spec.window is None or self.n_sink == 0:
-            return None
-        last = self.n_sink + self.window - 1
-        if positions[-1] <= last:
-            return None
-        return np.minimum(positions, last)
-
+    # ---- what the forward pass uses (and sink_positions, from SlotBook) ----
     def mask(self, positions: np.ndarray) -> mx.array | str | None:
         """The attention mask of queries at ``positions`` over slots [0, high): None or "causal"
         when slots are positions (no window), else an additive float32 [n, high] mask."""

@@ -91,6 +91,7 @@ class Model:
         self._history: list[int] = []  # the tokens of the sequence self.cache holds, in order
         self.speculative = check_mode(speculative)
         self._calibration: Calibration | None = None
+        self._calibration_read = False
         self.last_stats = GenerationStats()
 
     # ---- tokens ----
@@ -141,8 +142,9 @@ class Model:
     def calibration(self, create: bool = False) -> Calibration | None:
         """The self-speculative drafter's skip set for this model file (``runtime.spec_calibrate``):
         cached on disk; with ``create``, searched now (about half a minute) when missing."""
-        if self._calibration is None:
+        if self._calibration is None and not self._calibration_read:  # once: a miss hashes 2 MiB
             self._calibration = load_calibration(self.path)
+            self._calibration_read = True
         if self._calibration is None and create:
             cal = calibrate(self.backend, lambda text: self.tokenize(text, add_bos=True), calibration_text())
             save_calibration(self.path, cal)
