@@ -31,6 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="rtn: round to nearest with a clip search (default); awq: activation-aware scaling; "
                         "gptq: Hessian-based error compensation (both calibrate on --calib)")
     g.add_argument("--calib", metavar="FILE", help=f"calibration text for awq/gptq (default: {DEFAULT_CALIB})")
+    g.add_argument("--calib-tokens", type=int, metavar="N",
+                   help="calibration tokens (default: gptq 16384, awq 2048; at most what --calib holds)")
     g.add_argument("--fake-quant", action="store_true",
                    help="store the dequantized weights as F16 (quality measurements on any runtime)")
 
@@ -42,7 +44,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         raise ConversionError("--llama-cpp chooses the types itself; do not combine it with --outtype")
     affine = None
     if args.bits is None:
-        given = [f"--{n.replace('_', '-')}" for n in ("group_size", "recipe", "method", "calib")
+        given = [f"--{n.replace('_', '-')}" for n in ("group_size", "recipe", "method", "calib", "calib_tokens")
                  if getattr(args, n) is not None] + (["--fake-quant"] if args.fake_quant else [])
         if given:
             raise ConversionError(f"{', '.join(given)}: only valid with --bits 4|3")
@@ -50,10 +52,13 @@ def cmd_convert(args: argparse.Namespace) -> int:
         if args.llama_cpp or args.outtype != "f16":
             raise ConversionError("--bits chooses the types itself; do not combine it with --outtype or --llama-cpp")
         method = args.method or "rtn"
-        if args.calib is not None and method == "rtn":
-            raise ConversionError("--calib is used by --method awq or gptq, not rtn")
+        if (args.calib is not None or args.calib_tokens is not None) and method == "rtn":
+            raise ConversionError("--calib and --calib-tokens are used by --method awq or gptq, not rtn")
+        if args.calib_tokens is not None and args.calib_tokens < 64:
+            raise ConversionError(f"--calib-tokens {args.calib_tokens}: calibration needs at least 64 tokens")
         affine = AffineOptions(args.bits, args.group_size or 64, args.recipe or DEFAULT_AFFINE_RECIPE, method,
-                               Path(args.calib) if args.calib else DEFAULT_CALIB, args.fake_quant)
+                               Path(args.calib) if args.calib else DEFAULT_CALIB, args.fake_quant,
+                               calib_tokens=args.calib_tokens)
     bar = None
 
     def on_start(total: int) -> None:

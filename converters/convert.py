@@ -14,7 +14,6 @@ failure, Ctrl-C included, removes the temporary file.
 from __future__ import annotations
 
 import os
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -163,6 +162,7 @@ class AffineOptions:
     calib: Path | None = None               # calibration text for awq/gptq
     fake_quant: bool = False                # store s*q+b as F16 instead: quality runs on any runtime
     calibration: Calibration | None = None  # precomputed calibration (reused across variants)
+    calib_tokens: int | None = None         # None: the method's default (calibrate.DEFAULT_TOKENS)
 
 
 def _tensor_infos(name: str, shape: tuple[int, ...], t: GGMLType | Affine, fake: bool
@@ -300,8 +300,8 @@ def _calibration(folder: Path, plan: list[PlannedTensor], types: dict[str, GGMLT
         return affine.calibration
     if affine.calib is None:
         raise ConversionError(f"--method {affine.method} needs a calibration text (--calib FILE)")
-    bits = {p.hf: t.bits for p in plan if isinstance(t := types[p.gguf], Affine)}
-    return calibrate(folder, Path(affine.calib), affine.method, bits.get, affine.group_size)
+    quants = {p.hf: (t.bits, t.group_size) for p in plan if isinstance(t := types[p.gguf], Affine)}
+    return calibrate(folder, Path(affine.calib), affine.method, quants.get, affine.calib_tokens)
 
 
 def _add_affine_kv(writer: GGUFWriter, affine: AffineOptions, types: dict[str, GGMLType | Affine]) -> None:

@@ -96,8 +96,8 @@ def test_gptq_and_awq_beat_rtn_on_calibration_inputs(tiny_ckpt, bits):
 
     orig = _weights(tiny_ckpt)
     group = 32
-    gptq = calibrate(tiny_ckpt, CALIB, "gptq", lambda name: bits, group, n_tokens=512)
-    awq = calibrate(tiny_ckpt, CALIB, "awq", lambda name: bits, group, n_tokens=512)
+    gptq = calibrate(tiny_ckpt, CALIB, "gptq", lambda name: (bits, group), n_tokens=512)
+    awq = calibrate(tiny_ckpt, CALIB, "awq", lambda name: (bits, group), n_tokens=512)
     p = "model.layers.0."
     for name, norm in (("mlp.gate_proj", "post_attention_layernorm"), ("self_attn.q_proj", "input_layernorm")):
         w = orig[p + name + ".weight"].astype(np.float32)
@@ -114,6 +114,80 @@ def test_gptq_and_awq_beat_rtn_on_calibration_inputs(tiny_ckpt, bits):
         e_awq = _output_error(dequantize_q(q, s, b, group) / scale - w, h)
         assert e_gptq < 0.9 * e_rtn, (name, e_gptq, e_rtn)
         assert e_awq < e_rtn, (name, e_awq, e_rtn)
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_gptq_beats_rtn_on_held_out_text(tiny_ckpt, tmp_path, bits):
+    """What GPTQ is for: a lower output error on text it was *not* fitted to. Fitted on too few
+    tokens for its input width, GPTQ overfits and loses to RTN here (it did on SmolLM2's
+    ffn_down with 2,048 tokens); the calibration is sized by tokens per input channel."""
+    from edgelm.converters.calibrate import calibrate
+
+    text = CALIB.read_text(encoding="utf-8")
+    fit_file, held_file = tmp_path / "fit.txt", tmp_path / "held.txt"
+    fit_file.write_text(text[: len(text) // 2], encoding="utf-8")
+    held_file.write_text(text[len(text) // 2:], encoding="utf-8")
+    orig = _weights(tiny_ckpt)
+    group = 32
+    quant = lambda name: (bits, group)  # noqa: E731
+    fit = calibrate(tiny_ckpt, fit_file, "gptq", quant, n_tokens=4096)  # 16 x the widest input (256)
+    held = calibrate(tiny_ckpt, held_file, "gptq", quant, n_tokens=2048)
+    for layer in (0, 1):
+        for name in ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"):
+            key = f"model.layers.{layer}.{name}.weight"
+            w = orig[key].astype(np.float32)
+            q, s, b = quantize_rtn(w, bits, group)
+            e_rtn = _output_error(dequantize_q(q, s, b, group) - w, held.hessians[key])
+            q, s, b = quantize_gptq(w, fit.hessians[key], bits, group)
+            e_gptq = _output_error(dequantize_q(q, s, b, group) - w, held.hessians[key])
+            assert e_gptq < e_rtn, (key, e_gptq, e_rtn)
+
+
+@pytest.mark.parametrize("act_order", [True, False])
+def test_gptq_with_uncorrelated_inputs_is_rtn(act_order):
+    """With a diagonal Hessian no column's error can be compensated by another, so GPTQ must
+    reduce to round-to-nearest with RTN's own group parameters -- in whatever order act-order
+    visits the columns (each column keeps its contiguous group's scale and bias)."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((48, 256)).astype(np.float32)
+    h = np.diag(rng.uniform(0.1, 10.0, 256))  # distinct energies: act-order permutes every column
+    q, s, b = quantize_gptq(w, h, 3, 32, act_order=act_order, refit=False)
+    q_rtn, s_rtn, b_rtn = quantize_rtn(w, 3, 32)
+    assert np.array_equal(s, s_rtn) and np.array_equal(b, b_rtn)
+    assert np.array_equal(q, q_rtn)
+
+
+def test_refit_lowers_the_output_error_for_fixed_levels(tiny_ckpt):
+    from edgelm.converters.quantize_affine import refit_groups
+
+    w = _weights(tiny_ckpt)["model.layers.1.mlp.down_proj.weight"].astype(np.float32)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((4096, w.shape[1])) * np.exp(rng.normal(0, 1, w.shape[1]))  # uneven channels
+    h = x.T @ x
+    q, s, b = quantize_rtn(w, 3, 32)
+    s2, b2 = refit_groups(w, q, s, b, h, 32)
+    before = _output_error(dequantize_q(q, s, b, 32) - w, h)
+    after = _output_error(dequantize_q(q, s2, b2, 32) - w, h)
+    assert after < 0.9 * before, (after, before)
+    assert s2.dtype == np.float16 and b2.dtype == np.float16
+
+
+def test_mixed_s_recipe_notches_by_sensitivity():
+    from edgelm.converters.recipe import Affine, GGMLType, TensorSite, affine_type
+
+    def kind(name: str, layer: int, shape: tuple[int, int], bits: int, group: int):
+        return affine_type(TensorSite(f"blk.{layer}.{name}.weight", shape, layer, 30, True), bits, group, "mixed-s")
+
+    for layer in range(30):
+        assert kind("attn_v", layer, (192, 576), 4, 64) is GGMLType.Q8_0        # 576-wide rows: no Q6_K
+        assert kind("ffn_down", layer, (576, 1536), 4, 64) is GGMLType.Q6_K
+        assert kind("attn_output", layer, (576, 576), 4, 64) == Affine(4, 64)
+        assert kind("attn_q", layer, (576, 576), 4, 64) == Affine(4, 64)
+        up = kind("ffn_up", layer, (1536, 576), 4, 64)
+        assert up == (GGMLType.Q8_0 if layer >= 19 else Affine(4, 64))        # the last 3/8: 11 of 30
+    # a 3-bit file notches up to 4 bits in groups of 64, whatever its own group size
+    assert kind("attn_v", 0, (192, 576), 3, 32) == Affine(4, 64)
+    assert kind("ffn_gate", 0, (1536, 576), 3, 32) == Affine(3, 32)
 
 
 # -- the written file ------------------------------------------------------------------------
@@ -145,9 +219,11 @@ def test_converter_writes_the_affine_format(tiny_ckpt, tmp_path, bits, group_siz
         assert words.tensor_type == GGMLQuantizationType.I32
         assert list(words.shape) == [cols * nb // 32, rows]  # ggml order
         assert scales.tensor_type == biases.tensor_type == GGMLQuantizationType.F16
-        assert list(scales.shape) == list(biases.shape) == [cols // group_size, rows]
+        # notched-up 4-bit tensors of a 3-bit file take groups of at least 64 (recipe.NOTCH_GROUP)
+        g = group_size if nb == bits else max(group_size, 64)
+        assert list(scales.shape) == list(biases.shape) == [cols // g, rows]
         w = dequantize(np.asarray(words.data).view(np.uint32).reshape(rows, -1), np.asarray(scales.data),
-                       np.asarray(biases.data), nb, group_size)
+                       np.asarray(biases.data), nb, g)
         assert np.array_equal(w.astype(np.float16), np.asarray(ft[name].data)), name
     if method == "rtn":  # and it is exactly the quantizer's output for an unpermuted tensor
         src = _weights(tiny_ckpt)["model.layers.1.mlp.gate_proj.weight"]
