@@ -12,11 +12,14 @@ rate and the mean accepted length per verification round. Greedy output is check
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from ..runtime.speculative import SpecStats
 
 CHAT_PROMPTS = (
     "Write a short poem about the sea.",
@@ -37,18 +40,8 @@ class SpecRun:
     mode: str
     tok_s: float
     tokens: int
-    drafted: int
-    accepted: int
-    rounds: int
+    spec: SpecStats  # the run's drafting counters (acceptance_rate, mean_accepted)
     text: str
-
-    @property
-    def acceptance(self) -> float:
-        return self.accepted / self.drafted if self.drafted else 0.0
-
-    @property
-    def mean_accepted(self) -> float:
-        return self.accepted / self.rounds if self.rounds else 0.0
 
 
 def summarize_prompts(text_file: Path, n: int = 5, words: int = 180) -> list[str]:
@@ -67,8 +60,8 @@ def _run(model, prompt: str, mode: str, tokens: int) -> SpecRun:
                               speculative=mode))
     s = model.last_stats
     steps = s.generated_tokens - 1  # tokens after the first (decode_s starts once it is known)
-    return SpecRun(mode, steps / s.decode_s if s.decode_s > 0 else 0.0, s.generated_tokens, s.spec.drafted,
-                   s.spec.accepted, s.spec.rounds, text)
+    return SpecRun(mode, steps / s.decode_s if s.decode_s > 0 else 0.0, s.generated_tokens,
+                   dataclasses.replace(s.spec), text)
 
 
 def bench_prompt(model, prompt: str, modes: tuple[str, ...], tokens: int, repeats: int) -> dict[str, Any]:
@@ -83,7 +76,7 @@ def bench_prompt(model, prompt: str, modes: tuple[str, ...], tokens: int, repeat
     for mode in modes:
         r = best[mode]
         row[mode] = {"tok_s": round(r.tok_s, 1), "speedup": round(r.tok_s / plain.tok_s, 3) if plain.tok_s else None,
-                     "acceptance": round(r.acceptance, 3), "mean_accepted": round(r.mean_accepted, 2),
+                     "acceptance": round(r.spec.acceptance_rate, 3), "mean_accepted": round(r.spec.mean_accepted, 2),
                      "identical": r.text == plain.text}
     return row
 

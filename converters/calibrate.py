@@ -128,31 +128,41 @@ def calibrate(folder: Path, calib_file: Path, method: str, quant_of: Callable[[s
     return cal
 
 
+def _capture_inputs(model, seqs: list, on_input: Callable[[str, "object"], None]) -> None:
+    """One float pass over ``seqs``; ``on_input("i.site", x)`` receives the input [tokens, in] of
+    every projection site of every decoder layer (forward pre-hooks, removed afterwards)."""
+    import torch
+
+    def hook_for(key: str):
+        def hook(_mod, args):
+            on_input(key, args[0].reshape(-1, args[0].shape[-1]))
+        return hook
+
+    hooks = [layer.get_submodule(site).register_forward_pre_hook(hook_for(f"{i}.{site}"))
+             for i, layer in enumerate(model.model.layers) for site in _SITES]
+    try:
+        for ids in seqs:
+            model(torch.tensor([ids]), use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 def _awq(model, seqs: list, quant_of: Callable[[str], tuple[int, int] | None], n_awq_tokens: int,
          cal: Calibration) -> None:
     """AWQ: capture every projection's inputs (the first ``n_awq_tokens``) in one float pass, then
     search and fold the scales layer by layer into ``cal.weights``."""
     import torch
 
-    layers = model.model.layers
     xs: dict[str, list] = {}
-    hooks = []
 
-    def hook_for(key: str):
-        def hook(_mod, args):
-            kept = sum(t.shape[0] for t in xs.setdefault(key, []))
-            if kept < n_awq_tokens:
-                xs[key].append(args[0].reshape(-1, args[0].shape[-1])[: n_awq_tokens - kept].clone())
-        return hook
+    def keep(key: str, x) -> None:
+        kept = sum(t.shape[0] for t in xs.setdefault(key, []))
+        if kept < n_awq_tokens:
+            xs[key].append(x[: n_awq_tokens - kept].clone())
 
-    for i, layer in enumerate(layers):
-        for site in _SITES:
-            hooks.append(layer.get_submodule(site).register_forward_pre_hook(hook_for(f"{i}.{site}")))
-    for ids in seqs:
-        model(torch.tensor([ids]), use_cache=False)
-    for h in hooks:
-        h.remove()
-    for i, layer in enumerate(layers):
+    _capture_inputs(model, seqs, keep)
+    for i, layer in enumerate(model.model.layers):
         _awq_layer(layer, {k.split(".", 1)[1]: torch.cat(v) for k, v in xs.items() if k.startswith(f"{i}.")},
                    lambda name, i=i: quant_of(_PRE.format(i) + name + ".weight"))
         for name, t in layer.named_parameters():
@@ -168,23 +178,13 @@ def _gptq_hessians(model, seqs: list) -> dict[str, np.ndarray]:
 
     hess: dict[str, torch.Tensor] = {}
 
-    def hook_for(key: str):
-        def hook(_mod, args):
-            x = args[0].reshape(-1, args[0].shape[-1]).to(torch.float64)
-            hess[key] = hess.get(key, 0) + x.T @ x
-        return hook
+    def accumulate(key: str, x) -> None:
+        x = x.to(torch.float64)
+        hess[key] = hess.get(key, 0) + x.T @ x
 
-    layers = model.model.layers
-    hooks = [layer.get_submodule(site).register_forward_pre_hook(hook_for(f"{i}.{site}"))
-             for i, layer in enumerate(layers) for site in _SITES]
-    try:
-        for ids in seqs:
-            model(torch.tensor([ids]), use_cache=False)
-    finally:
-        for h in hooks:
-            h.remove()
+    _capture_inputs(model, seqs, accumulate)
     return {_PRE.format(i) + name + ".weight": hess[f"{i}.{site}"].numpy()
-            for i in range(len(layers)) for site, names in _SHARES.items() for name in names}
+            for i in range(len(model.model.layers)) for site, names in _SHARES.items() for name in names}
 
 
 def _awq_layer(layer, xs: dict, quant_of: Callable[[str], tuple[int, int] | None]) -> None:
