@@ -13,6 +13,14 @@ launch (tens of microseconds each) per matrix-vector product.
 ``n`` tokens are processed at once: n == 1 is a decode step (matrix-vector kernels), n > 1 is
 prompt prefill or batched speculative verification (matrix-matrix kernels, which read each
 weight row once for all n tokens).
+
+``forward_worker`` and ``_project`` are compiled *without* fastmath, and must stay so: numba
+compiles a callee the first time a caller needs it, inside the caller's target context, so a
+fastmath caller turns on fastmath in every non-fastmath kernel it compiles first (the weight
+kernels, ``_rope``). Which caller came first then decided the rounding: a process that compiled
+the kernels from scratch decoded differently from one that loaded them from numba's disk cache
+(up to 0.8 in a logit of an INT3 file). Functions that want fastmath (``_rmsnorm_rows``, the
+attention and KV-cache kernels) say so themselves. ``tests/test_kernel_flags.py`` checks this.
 """
 from __future__ import annotations
 
@@ -38,7 +46,7 @@ def _share(total, tid, nthr):
     return total * tid // nthr, total * (tid + 1) // nthr
 
 
-@njit(nogil=True, fastmath=True, cache=True)
+@njit(nogil=True, cache=True)
 def _project(blob, wt, X, out, n, tid, nthr):
     """out[:n, rows] = X[:n] @ W.T for this thread's rows of W (described by table row ``wt``)."""
     r0, r1 = _share(wt[W_ROWS], tid, nthr)
@@ -84,7 +92,7 @@ def _rope(vec, base, cos, sin, rope_dim, neox):
             vec[base + 2 * j + 1] = a * sin[j] + b * cos[j]
 
 
-@njit(nogil=True, fastmath=True, cache=True)
+@njit(nogil=True, cache=True)
 def forward_worker(tid, nthr, sync,
                    blob, wtab, gtab, norms, bias, out_norm, icfg, eps, skip,
                    tokens, pos0, cos, sin, cos_s, sin_s, kcache, vcache, rkcache, rvcache, kvcfg,

@@ -276,7 +276,7 @@ def _fma_tile(S, nr, kk, X, k0, out, t0, accumulate):
                 _store3(out, i0, t0 + r + 3, a30, a31, a32, n, accumulate)
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, fastmath=True, cache=True)  # only _fma_tile calls it (tests/test_kernel_flags.py)
 def _store3(out, i0, c, v0, v1, v2, n, accumulate):
     """Write (or add) the results of tokens i0, i0+1, i0+2 that exist for output column c."""
     if accumulate:
