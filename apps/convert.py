@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from ..converters.errors import ConversionError
-from ..converters.recipe import AFFINE_RECIPES, DEFAULT_AFFINE_RECIPE, OUTTYPES
+from ..converters.recipe import AFFINE_RECIPES, DEFAULT_AFFINE_RECIPE, LLAMA_CPP_PRESETS, OUTTYPES
 
 # Default calibration text, relative to the repository (the shared data folder next to it).
 DEFAULT_CALIB = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-calib.txt"
@@ -18,8 +18,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--outfile", required=True, help="GGUF file to write")
     p.add_argument("--outtype", choices=sorted(OUTTYPES), default="f16",
                    help="type of the 2-D weights (default: %(default)s); norms stay F32")
-    p.add_argument("--llama-cpp", action="store_true",
-                   help="llama.cpp's Q4_K_M types only (Q4_K/Q6_K, Q5_0/Q8_0 where rows are not multiples of 256)")
+    p.add_argument("--llama-cpp", nargs="?", const="q4_k_m", choices=LLAMA_CPP_PRESETS, metavar="PRESET",
+                   help="only standard ggml types, as llama.cpp's preset q4_k_m (the default) or q3_k_m "
+                        "picks them (K-quants; Q4_0/Q5_0/Q5_1/Q8_0 where rows are not multiples of 256)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
     g = p.add_argument_group("affine INT4/INT3 (MLX's mx.quantize layout in the GGUF)")
     g.add_argument("--bits", type=int, choices=(4, 3), help="affine group quantization at this many bits")
@@ -32,7 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "gptq: Hessian-based error compensation (both calibrate on --calib)")
     g.add_argument("--calib", metavar="FILE", help=f"calibration text for awq/gptq (default: {DEFAULT_CALIB})")
     g.add_argument("--calib-tokens", type=int, metavar="N",
-                   help="calibration tokens (default: gptq 16384, awq 2048; at most what --calib holds)")
+                   help="calibration tokens (default: gptq 49152, awq 2048; at most what --calib holds)")
     g.add_argument("--fake-quant", action="store_true",
                    help="store the dequantized weights as F16 (quality measurements on any runtime)")
 

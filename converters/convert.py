@@ -31,7 +31,7 @@ from .quantize_ggml import quantize_rows
 from .affine_pack import dequantize_q, pack
 from .calibrate import Calibration, calibrate
 from .quantize_affine import quantize_gptq, quantize_rtn
-from .recipe import (DEFAULT_AFFINE_RECIPE, FILE_TYPES, OUTTYPES, Affine, TensorSite, affine_type,
+from .recipe import (DEFAULT_AFFINE_RECIPE, FILE_TYPES, LLAMA_CPP_PRESETS, OUTTYPES, Affine, TensorSite, affine_type,
                      llama_cpp_type, outtype_type)
 from .safetensors import Checkpoint
 from .tokenizer_meta import tokenizer_metadata
@@ -196,18 +196,21 @@ def _type_name(t: GGMLType | Affine) -> str:
 
 
 def convert(folder: str | os.PathLike[str], out: str | os.PathLike[str], outtype: str = "f16",
-            llama_cpp: bool = False, progress: Callable[[str, int], None] | None = None,
+            llama_cpp: bool | str = False, progress: Callable[[str, int], None] | None = None,
             on_start: Callable[[int], None] | None = None,
             affine: AffineOptions | None = None) -> ConversionResult:
     """Convert the checkpoint in ``folder`` to the GGUF file ``out``.
 
-    ``outtype`` is one of f32, f16, bf16, q8_0; ``llama_cpp`` instead writes llama.cpp's Q4_K_M
-    types; ``affine`` writes the affine INT4/INT3 format with its recipe and method.
+    ``outtype`` is one of f32, f16, bf16, q8_0; ``llama_cpp`` instead writes the types of
+    llama.cpp's preset of that name (``"q4_k_m"`` or ``"q3_k_m"``; True means q4_k_m); ``affine`` writes the affine INT4/INT3 format with its recipe and method.
     ``on_start(total_bytes)`` and ``progress(tensor_name, nbytes)`` drive a progress bar.
     Raises :class:`ConversionError` for any problem with the input or the output path.
     """
     if outtype not in OUTTYPES:
         raise ConversionError(f"unknown outtype {outtype!r}; choose one of {', '.join(OUTTYPES)}")
+    preset = "q4_k_m" if llama_cpp is True else (llama_cpp or None)
+    if preset is not None and preset not in LLAMA_CPP_PRESETS:
+        raise ConversionError(f"unknown llama.cpp preset {preset!r}; choose one of {', '.join(LLAMA_CPP_PRESETS)}")
     if affine is not None and affine.method not in ("rtn", "awq", "gptq"):
         raise ConversionError(f"unknown method {affine.method!r}; choose one of rtn, awq, gptq")
     t0 = time.perf_counter()
@@ -227,7 +230,7 @@ def convert(folder: str | os.PathLike[str], out: str | os.PathLike[str], outtype
                 if affine is not None:
                     types[p.gguf] = affine_type(site, affine.bits, affine.group_size, affine.recipe)
                 else:
-                    types[p.gguf] = llama_cpp_type(site) if llama_cpp else outtype_type(site, outtype)
+                    types[p.gguf] = llama_cpp_type(site, preset) if preset else outtype_type(site, outtype)
             except ValueError as exc:
                 raise ConversionError(f"{ckpt[p.hf].file}: {exc}") from None
         tok_meta = tokenizer_metadata(folder, cfg.vocab_size, cfg.raw)
@@ -240,7 +243,7 @@ def convert(folder: str | os.PathLike[str], out: str | os.PathLike[str], outtype
         writer.add_name(Path(str(cfg.name)).name if cfg.name else folder.resolve().name)
         writer.add_type("model")
         if affine is None:  # no llama.cpp file type describes the affine format
-            writer.add_file_type(FILE_TYPES["llama-cpp" if llama_cpp else outtype])
+            writer.add_file_type(FILE_TYPES[preset or outtype])
         writer.add_quantization_version(2)
         for key, value in {**model_metadata(cfg), **tok_meta}.items():
             _add_kv(writer, key, value)

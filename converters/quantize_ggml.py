@@ -1,9 +1,10 @@
 """NumPy quantizers for the ggml types ``--llama-cpp`` writes that runtime/quants.py cannot.
 
 They follow ggml's reference functions (``quantize_row_q3_K_ref``, ``quantize_row_q4_K_ref``,
-``quantize_row_q6_K_ref``, ``quantize_row_q5_0_ref`` in ``ggml-quants.c``), which is what llama.cpp's own quantizer runs when
-it has no importance matrix: the same searches (``make_qkx2_quants`` for Q4_K's scale and min
-per 32 weights, ``make_qx_quants`` for Q6_K's scale per 16), the same round-to-nearest-even
+``quantize_row_q5_K_ref``, ``quantize_row_q6_K_ref``, ``quantize_row_q5_0_ref``,
+``quantize_row_q5_1_ref`` in ``ggml-quants.c``), which is what llama.cpp's own quantizer runs when
+it has no importance matrix: the same searches (``make_qkx2_quants`` for Q4_K's and Q5_K's scale and
+min per 32 weights, ``make_qx_quants`` for Q6_K's scale per 16), the same round-to-nearest-even
 (``nearest_int``), and the same float32 arithmetic, vectorized over all blocks at once instead of
 looping per block. Sums are accumulated left to right (``cumsum``) as the C loops do, because
 the searches compare errors and a differently rounded sum can pick a different candidate.
@@ -93,13 +94,18 @@ def _make_qkx2(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: flo
     return scale.astype(_F), (-best_min).astype(_F), L
 
 
-def quantize_q4_k(x: np.ndarray) -> np.ndarray:
-    """float32[n, 256] -> Q4_K blocks uint8[n, 144] (``quantize_row_q4_K_ref``)."""
+def _scales_mins_k(x: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The part Q4_K and Q5_K share (``quantize_row_q{4,5}_K_ref``): per 32 weights a scale and a
+    min from ``make_qkx2_quants``, both stored as 6-bit multiples of f16 super-scales, and the
+    quants requantized against the stored values.
+
+    float32[n, 256] -> (d, dmin: float32[n]; packed 6-bit scales/mins uint8[n, 12]; L int[n, 8, 32])."""
     n = x.shape[0]
     sub = x.reshape(n * 8, 32)
     av_x = np.sqrt(_seq_sum(sub * sub) / _F(32))
     weights = av_x[:, None] + np.abs(sub)
-    scales, mins, L = _make_qkx2(sub, weights, 15, -1.0, 0.1, 20)
+    scales, mins, L = _make_qkx2(sub, weights, nmax, rmin, rdelta, nstep)
     scales, mins, L = scales.reshape(n, 8), mins.reshape(n, 8), L.reshape(n, 8, 32)
     # ggml starts both maxima at +0 and only replaces them with larger values: never -0.
     max_scale, max_min = scales.max(axis=1), mins.max(axis=1)
@@ -121,11 +127,29 @@ def quantize_q4_k(x: np.ndarray) -> np.ndarray:
     ml = _f16_round(dmin)[:, None] * lm.astype(_F)
     nz = dl != 0
     with np.errstate(divide="ignore", invalid="ignore"):
-        lq = np.clip(_nearest_int((x.reshape(n, 8, 32) + ml[:, :, None]) / dl[:, :, None]), 0, 15)
-    L = np.where(nz[:, :, None], lq, L).astype(np.uint8)
-    pairs = L.reshape(n, 4, 2, 32)
+        lq = np.clip(_nearest_int((x.reshape(n, 8, 32) + ml[:, :, None]) / dl[:, :, None]), 0, nmax)
+    return d, dmin, packed, np.where(nz[:, :, None], lq, L)
+
+
+def quantize_q4_k(x: np.ndarray) -> np.ndarray:
+    """float32[n, 256] -> Q4_K blocks uint8[n, 144] (``quantize_row_q4_K_ref``)."""
+    n = x.shape[0]
+    d, dmin, packed, L = _scales_mins_k(x, 15, -1.0, 0.1, 20)
+    pairs = L.astype(np.uint8).reshape(n, 4, 2, 32)
     qs = (pairs[:, :, 0] | (pairs[:, :, 1] << 4)).reshape(n, 128)
     return np.concatenate([_f16_bytes(d), _f16_bytes(dmin), packed, qs], axis=1)
+
+
+def quantize_q5_k(x: np.ndarray) -> np.ndarray:
+    """float32[n, 256] -> Q5_K blocks uint8[n, 176] (``quantize_row_q5_K_ref``): Q4_K's layout
+    plus ``qh``, where bit 2c (2c + 1) of byte j is bit 4 of weight 64c + j (64c + 32 + j)."""
+    n = x.shape[0]
+    d, dmin, packed, L = _scales_mins_k(x, 31, -0.5, 0.1, 15)
+    pairs = L.astype(np.uint8).reshape(n, 4, 2, 32)
+    qs = ((pairs[:, :, 0] & 0xF) | ((pairs[:, :, 1] & 0xF) << 4)).reshape(n, 128)
+    shifts = np.arange(8, dtype=np.uint8).reshape(1, 4, 2, 1)
+    qh = np.bitwise_or.reduce(((pairs >> 4) & 1) << shifts, axis=(1, 2)).astype(np.uint8)
+    return np.concatenate([_f16_bytes(d), _f16_bytes(dmin), packed, qh, qs], axis=1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -274,8 +298,24 @@ def quantize_q5_0(x: np.ndarray) -> np.ndarray:
     return np.concatenate([_f16_bytes(d), qh, qs], axis=1)
 
 
-_K_QUANTIZERS = {GGMLType.Q3_K: quantize_q3_k, GGMLType.Q4_K: quantize_q4_k, GGMLType.Q6_K: quantize_q6_k, GGMLType.Q5_0: quantize_q5_0}
-_BLOCK = {GGMLType.Q3_K: QK_K, GGMLType.Q4_K: QK_K, GGMLType.Q6_K: QK_K, GGMLType.Q5_0: 32}
+def quantize_q5_1(x: np.ndarray) -> np.ndarray:
+    """float32[n, 32] -> Q5_1 blocks uint8[n, 24] (``quantize_row_q5_1_ref``): llama.cpp's
+    fallback for Q5_K."""
+    mn, mx = x.min(axis=1), x.max(axis=1)
+    d = ((mx - mn) / _F(31)).astype(_F)
+    with np.errstate(divide="ignore"):
+        inv = np.where(d == 0, _F(0), _F(1) / d)
+    # C: (uint8_t)((x - min) * id + 0.5f) -- truncation (the operand is >= 0)
+    q = np.trunc((x - mn[:, None]) * inv[:, None] + _F(0.5)).astype(np.uint8)
+    qs = (q[:, :16] & 0xF) | ((q[:, 16:] & 0xF) << 4)
+    qh = np.packbits((q >> 4) & 1, axis=1, bitorder="little")
+    return np.concatenate([_f16_bytes(d), _f16_bytes(mn), qh, qs], axis=1)
+
+
+_K_QUANTIZERS = {GGMLType.Q3_K: quantize_q3_k, GGMLType.Q4_K: quantize_q4_k, GGMLType.Q5_K: quantize_q5_k,
+                 GGMLType.Q6_K: quantize_q6_k, GGMLType.Q5_0: quantize_q5_0, GGMLType.Q5_1: quantize_q5_1}
+_BLOCK = {GGMLType.Q3_K: QK_K, GGMLType.Q4_K: QK_K, GGMLType.Q5_K: QK_K, GGMLType.Q6_K: QK_K,
+          GGMLType.Q5_0: 32, GGMLType.Q5_1: 32}
 
 
 def quantize_rows(x: np.ndarray, gtype: GGMLType) -> np.ndarray:

@@ -1,18 +1,22 @@
 """Which ggml type each tensor gets, for ``--outtype`` and for ``--llama-cpp``.
 
-``--llama-cpp`` follows llama.cpp's Q4_K_M preset (``llama_tensor_get_type`` in
-``llama-quant.cpp``, without an importance matrix) so the file has the types llama.cpp itself
-would write:
+``--llama-cpp [q4_k_m|q3_k_m]`` follows llama.cpp's preset of that name
+(``llama_tensor_get_type`` in ``llama-quant.cpp``, without an importance matrix) so the file has
+the types llama.cpp itself would write. In both:
 
 * 1-D tensors (norms, biases) stay F32;
 * the output head -- or ``token_embd`` when the head is tied to it -- is Q6_K, or Q8_0 when its
-  rows are not a multiple of 256;
-* ``attn_v`` and ``ffn_down`` get Q6_K in the layers ``use_more_bits`` picks (the first and last
-  eighth, and every third layer between), Q4_K elsewhere;
-* everything else is Q4_K.
+  rows are not a multiple of 256.
+
+Q4_K_M (the default): ``attn_v`` and ``ffn_down`` get Q6_K in the layers ``use_more_bits`` picks
+(the first and last eighth, and every third layer between); everything else is Q4_K.
+
+Q3_K_M: ``attn_v`` is Q5_K in the first two layers and Q4_K after; ``ffn_down`` Q5_K in the
+first sixteenth of the layers and Q4_K after; ``attn_output`` Q4_K; everything else (q, k, gate,
+up, an untied ``token_embd``) Q3_K.
 
 A K-quant needs rows that are a multiple of 256 weights; otherwise llama.cpp falls back to a
-32-weight legacy type: Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0.
+32-weight legacy type: Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0.
 """
 from __future__ import annotations
 
@@ -21,12 +25,13 @@ from dataclasses import dataclass
 from ..runtime.quants import QK_K, GGMLType
 
 # gguf LlamaFileType codes for general.file_type.
-FILE_TYPES: dict[str, int] = {"f32": 0, "f16": 1, "q8_0": 7, "bf16": 32, "llama-cpp": 15}  # 15: MOSTLY_Q4_K_M
+FILE_TYPES: dict[str, int] = {"f32": 0, "f16": 1, "q8_0": 7, "bf16": 32, "q3_k_m": 12, "q4_k_m": 15}
+LLAMA_CPP_PRESETS = ("q4_k_m", "q3_k_m")
 OUTTYPES: dict[str, GGMLType] = {
     "f32": GGMLType.F32, "f16": GGMLType.F16, "bf16": GGMLType.BF16, "q8_0": GGMLType.Q8_0,
 }
 K_FALLBACK: dict[GGMLType, GGMLType] = {
-    GGMLType.Q4_K: GGMLType.Q5_0, GGMLType.Q5_K: GGMLType.Q5_1, GGMLType.Q6_K: GGMLType.Q8_0,
+    GGMLType.Q3_K: GGMLType.Q4_0, GGMLType.Q4_K: GGMLType.Q5_0, GGMLType.Q5_K: GGMLType.Q5_1, GGMLType.Q6_K: GGMLType.Q8_0,
 }
 
 
@@ -60,18 +65,30 @@ def outtype_type(site: TensorSite, outtype: str) -> GGMLType:
     return t
 
 
-def llama_cpp_type(site: TensorSite) -> GGMLType:
-    """Type of ``site`` under llama.cpp's Q4_K_M recipe, with its row-length fallbacks."""
+def llama_cpp_type(site: TensorSite, preset: str = "q4_k_m") -> GGMLType:
+    """Type of ``site`` under llama.cpp's ``preset`` (q4_k_m or q3_k_m), with its row-length
+    fallbacks."""
+    if preset not in LLAMA_CPP_PRESETS:
+        raise ValueError(f"unknown llama.cpp preset {preset!r}; known: {', '.join(LLAMA_CPP_PRESETS)}")
     if len(site.shape) < 2:
         return GGMLType.F32
     row = site.shape[-1]
     is_head = site.name == "output.weight" or (site.tied_output and site.name == "token_embd.weight")
     if is_head:
         return GGMLType.Q6_K if row % QK_K == 0 else GGMLType.Q8_0
-    t = GGMLType.Q4_K
-    if site.layer is not None and site.name.endswith(("attn_v.weight", "ffn_down.weight")):
-        if use_more_bits(site.layer, site.n_layers):
+    kind = site.name.split(".")[-2] if site.layer is not None else ""
+    if preset == "q4_k_m":
+        t = GGMLType.Q4_K
+        if kind in ("attn_v", "ffn_down") and use_more_bits(site.layer, site.n_layers):
             t = GGMLType.Q6_K
+    else:
+        t = GGMLType.Q3_K
+        if kind == "attn_v":
+            t = GGMLType.Q5_K if site.layer < 2 else GGMLType.Q4_K
+        elif kind == "ffn_down":
+            t = GGMLType.Q5_K if site.layer < site.n_layers // 16 else GGMLType.Q4_K
+        elif kind == "attn_output":
+            t = GGMLType.Q4_K
     if row % QK_K:
         t = K_FALLBACK[t]
         if row % 32:

@@ -34,12 +34,14 @@ def llama_cpp():
 
 @pytest.fixture(scope="session")
 def requantized_gguf(default_gguf, llama_cpp):
-    """Factory: the default model re-quantized by llama.cpp's own quantizer ("q8_0", "q4_k_m"), cached."""
+    """Factory: the default model re-quantized by llama.cpp's own quantizer ("q8_0", "q4_k_m",
+    "q3_k_m"), cached."""
     import ctypes
 
     from edgelm.runtime.paths import edgelm_home
 
-    ftypes = {"q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "q4_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M}
+    ftypes = {"q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "q4_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M,
+              "q3_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q3_K_M}
 
     def make(kind: str) -> Path:
         out = edgelm_home() / "test-models" / f"smollm2-135m-instruct.{kind}.gguf"

@@ -38,13 +38,14 @@ HARD_STRINGS = [
 
 @pytest.fixture(scope="module")
 def converted(smollm2_hf, tmp_path_factory):
-    """SmolLM2 converted to F32, F16 and --llama-cpp, with the time each took."""
+    """SmolLM2 converted to F32, F16 and --llama-cpp (q4_k_m and q3_k_m), with the time each took."""
     out = tmp_path_factory.mktemp("smollm2-gguf")
     files, seconds = {}, {}
-    for kind in ("f32", "f16", "llama-cpp"):
+    for kind in ("f32", "f16", "llama-cpp", "q3_k_m"):
         t0 = time.perf_counter()
         path = out / f"smollm2.{kind}.gguf"
-        convert(smollm2_hf, path, outtype="f16" if kind == "llama-cpp" else kind, llama_cpp=kind == "llama-cpp")
+        preset = {"llama-cpp": "q4_k_m", "q3_k_m": "q3_k_m"}.get(kind, False)
+        convert(smollm2_hf, path, outtype="f16" if preset else kind, llama_cpp=preset)
         seconds[kind] = time.perf_counter() - t0
         files[kind] = path
     print("\nconversion time: " + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))
@@ -106,21 +107,27 @@ def test_tokenizer_reproduces_hf_ids(name, converted, hf_tokenizer, calib_text, 
     model.close()
 
 
-def test_llama_cpp_file_types_match_llama_cpp_quantizer(converted, requantized_gguf):
-    ours = GGUFFile(converted[0]["llama-cpp"]).tensors
-    theirs = GGUFFile(requantized_gguf("q4_k_m")).tensors
+@pytest.mark.parametrize("kind,preset,want", [
+    ("llama-cpp", "q4_k_m", {"F32", "Q4_K", "Q5_0", "Q6_K", "Q8_0"}),
+    # rows of 576: Q3_K falls back to Q4_0, Q4_K to Q5_0, Q5_K to Q5_1; the 1,536-wide ffn_down
+    # is a real K-quant (Q5_K in layer 0, Q4_K after)
+    ("q3_k_m", "q3_k_m", {"F32", "Q4_0", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q8_0"}),
+])
+def test_llama_cpp_file_types_match_llama_cpp_quantizer(kind, preset, want, converted, requantized_gguf):
+    ours = GGUFFile(converted[0][kind]).tensors
+    theirs = GGUFFile(requantized_gguf(preset)).tensors
     assert set(ours) == set(theirs)
     assert {n: t.ggml_type.name for n, t in ours.items()} == {n: t.ggml_type.name for n, t in theirs.items()}
-    kinds = {t.ggml_type.name for t in ours.values()}
-    assert kinds == {"F32", "Q4_K", "Q5_0", "Q6_K", "Q8_0"}
+    assert {t.ggml_type.name for t in ours.values()} == want
 
 
-def test_llama_cpp_file_runs_in_both_engines(converted, llama_cpp):
-    path = str(converted[0]["llama-cpp"])
+@pytest.mark.parametrize("kind", ["llama-cpp", "q3_k_m"])
+def test_llama_cpp_file_runs_in_both_engines(kind, converted, llama_cpp):
+    path = str(converted[0][kind])
     ours = edgelm.load(path, threads=2, n_ctx=512)
     ref = llama_cpp.Llama(model_path=path, n_ctx=512, n_batch=512, n_threads=2, verbose=False, logits_all=True)
     _, prefixes = greedy_agreement(ours, ref, PROMPTS, 32)
-    print(f"--llama-cpp file: characters in common with llama.cpp's greedy text: {prefixes}")
+    print(f"--llama-cpp {kind} file: characters in common with llama.cpp's greedy text: {prefixes}")
     ours.close()
     ref.close()
     # Both engines round activations to 8 bits in quantized products: a near-tie may flip.
@@ -132,7 +139,7 @@ def test_peak_rss_of_a_conversion_is_under_1gb(smollm2_hf, tmp_path):
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the forking pytest process.
     code = ("import sys; from edgelm.apps.cli import main; rc = main(sys.argv[1:]); "
             "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0]); sys.exit(rc)")
-    for extra in ([], ["--llama-cpp"]):
+    for extra in ([], ["--llama-cpp"], ["--llama-cpp", "q3_k_m"]):
         proc = subprocess.run([sys.executable, "-c", code, "convert", str(smollm2_hf), "-o", str(out),
                                "--quiet", *extra], capture_output=True, text=True, check=True)
         peak_mb = int(proc.stdout.split()[-1]) / 1024

@@ -116,6 +116,59 @@ def test_gptq_and_awq_beat_rtn_on_calibration_inputs(tiny_ckpt, bits):
         assert e_awq < e_rtn, (name, e_awq, e_rtn)
 
 
+def test_layer_by_layer_calibration_equals_the_whole_model(tiny_ckpt):
+    """The calibration runs one float32 decoder layer at a time (for memory); every projection's
+    Hessian must be bit for bit what hooks on transformers' whole float32 model accumulate."""
+    import torch
+    import transformers
+
+    from edgelm.converters import calibrate as cal_mod
+
+    cal = cal_mod.calibrate(tiny_ckpt, CALIB, "gptq", lambda name: (4, 32), n_tokens=1200)
+    seqs = cal_mod._tokens(tiny_ckpt, CALIB, 1200)
+    assert len({len(s) for s in seqs}) == 2  # full sequences and a shorter last one
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_ckpt, dtype=torch.float32).eval()
+    want: dict[str, torch.Tensor] = {}
+
+    def hook_for(key):
+        def hook(_mod, args):
+            x = args[0].reshape(-1, args[0].shape[-1]).to(torch.float64)
+            want[key] = want.get(key, 0) + x.T @ x
+        return hook
+
+    for i, layer in enumerate(model.model.layers):
+        for site in cal_mod._SITES:
+            layer.get_submodule(site).register_forward_pre_hook(hook_for(cal_mod._PRE.format(i) + site))
+    with torch.no_grad():
+        for ids in seqs:
+            model(torch.tensor([ids]), use_cache=False)
+    assert len(cal.hessians) == 7 * len(model.model.layers)
+    for i in range(len(model.model.layers)):
+        for site, names in cal_mod._SHARES.items():
+            for name in names:
+                got = cal.hessians[cal_mod._PRE.format(i) + name + ".weight"]
+                assert np.array_equal(got, want[cal_mod._PRE.format(i) + site].numpy()), (i, name)
+
+
+def test_spill_store_keeps_arrays_on_disk_until_asked():
+    import gc
+
+    from edgelm.converters.calibrate import SpillStore
+
+    store = SpillStore("test")
+    a = np.arange(12.0).reshape(3, 4)
+    store.put_shared(["x", "y"], a)
+    store.put("z", a[:, :2].T)  # non-contiguous input
+    assert set(store) == {"x", "y", "z"} and len(store) == 3
+    assert np.array_equal(store["y"], a) and np.array_equal(store["z"], a[:, :2].T)
+    assert store.get("missing") is None
+    folder = store._dir
+    assert len(list(folder.iterdir())) == 2  # the shared array is written once
+    del store
+    gc.collect()
+    assert not folder.exists()
+
+
 @pytest.mark.parametrize("bits", [3, 4])
 def test_gptq_beats_rtn_on_held_out_text(tiny_ckpt, tmp_path, bits):
     """What GPTQ is for: a lower output error on text it was *not* fitted to. Fitted on too few

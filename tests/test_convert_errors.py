@@ -223,3 +223,12 @@ def test_cli_prints_one_line_and_exits_1(tmp_path, capsys):
 def test_cli_bits_do_not_combine_with_outtype(tmp_path, capsys):
     assert main(["convert", str(tmp_path), "-o", str(tmp_path / "o.gguf"), "--bits", "4", "--outtype", "q8_0"]) == 1
     assert "do not combine" in capsys.readouterr().err
+
+
+def test_unknown_llama_cpp_preset_is_refused(tmp_path, capsys):
+    with pytest.raises(ConversionError, match="unknown llama.cpp preset 'q2_k'"):
+        convert(tmp_path, tmp_path / "o.gguf", llama_cpp="q2_k")
+    with pytest.raises(SystemExit):  # argparse lists the choices
+        main(["convert", str(tmp_path), "-o", str(tmp_path / "o.gguf"), "--llama-cpp", "q2_k"])
+    assert "q3_k_m" in capsys.readouterr().err
+    assert_clean(tmp_path)

@@ -13,7 +13,7 @@ from edgelm.converters.quantize_ggml import quantize_rows
 from edgelm.converters.recipe import TensorSite, llama_cpp_type, use_more_bits
 from edgelm.runtime.quants import GGMLType, dequantize, row_nbytes
 
-TYPES = [GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q6_K, GGMLType.Q5_0]
+TYPES = [GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K, GGMLType.Q4_0, GGMLType.Q5_0, GGMLType.Q5_1]
 
 
 def weights(rows: int, n: int, seed: int = 0) -> np.ndarray:
@@ -62,7 +62,8 @@ def test_round_trip_through_gguf_py(t):
     back = gguf_dequantize(q, GGMLQuantizationType(int(t)))
     assert np.array_equal(back, dequantize(q, t, x.shape))  # our reader agrees with gguf-py's
     rel = np.sqrt(((back - x) ** 2).mean(axis=1) / (x ** 2).mean(axis=1))
-    bound = {GGMLType.Q3_K: 0.25, GGMLType.Q4_K: 0.12, GGMLType.Q6_K: 0.03, GGMLType.Q5_0: 0.06}[t]
+    bound = {GGMLType.Q3_K: 0.25, GGMLType.Q4_K: 0.12, GGMLType.Q5_K: 0.06, GGMLType.Q6_K: 0.03,
+             GGMLType.Q4_0: 0.12, GGMLType.Q5_0: 0.06, GGMLType.Q5_1: 0.06}[t]
     assert rel.max() < bound, rel.max()
 
 
@@ -84,3 +85,22 @@ def test_use_more_bits_matches_llama_cpp_for_30_layers():
 def test_llama_cpp_recipe(name, shape, tied, want):
     layer = int(name.split(".")[1]) if name.startswith("blk.") else None
     assert llama_cpp_type(TensorSite(name, shape, layer, 30, tied)) is want
+
+
+@pytest.mark.parametrize("name,shape,want", [
+    ("output.weight", (32000, 4096), GGMLType.Q6_K),
+    ("token_embd.weight", (32000, 4096), GGMLType.Q3_K),
+    ("blk.0.attn_q.weight", (4096, 4096), GGMLType.Q3_K),
+    ("blk.1.attn_v.weight", (1024, 4096), GGMLType.Q5_K),   # the first two attn_v
+    ("blk.2.attn_v.weight", (1024, 4096), GGMLType.Q4_K),
+    ("blk.1.ffn_down.weight", (4096, 14336), GGMLType.Q5_K),  # the first n_layers / 16 = 2 layers
+    ("blk.2.ffn_down.weight", (4096, 14336), GGMLType.Q4_K),
+    ("blk.9.attn_output.weight", (4096, 4096), GGMLType.Q4_K),
+    ("blk.9.ffn_up.weight", (14336, 4096), GGMLType.Q3_K),
+    ("blk.9.ffn_up.weight", (1536, 576), GGMLType.Q4_0),      # fallbacks on rows of 576
+    ("blk.0.attn_v.weight", (192, 576), GGMLType.Q5_1),
+    ("blk.9.attn_output.weight", (576, 576), GGMLType.Q5_0),
+])
+def test_llama_cpp_q3_k_m_recipe(name, shape, want):
+    site = TensorSite(name, shape, int(name.split(".")[1]) if name.startswith("blk.") else None, 32, False)
+    assert llama_cpp_type(site, "q3_k_m") is want

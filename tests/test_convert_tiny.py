@@ -30,6 +30,9 @@ CASES = {
                                  vocab_size=49170, max_shard_size="5MB"),
     "qwen2-mha-tied": dict(arch="qwen2", num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True,
                            vocab_size=49155, num_hidden_layers=3),
+    # rows of 256 and 512: llama.cpp's presets write real K-quants here, no fallbacks
+    "llama-rows256": dict(arch="llama", hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                          num_key_value_heads=2),
 }
 PROMPTS = ["The capital of France is", "def f(x):\n    return x * 2\n", "In 1987, 12 of 345 members"]
 
@@ -108,6 +111,42 @@ def test_tiny_llama_cpp_file_loads_in_llama_cpp(name, tiny, tmp_path, llama_cpp)
     a, b = model.logits(ids), np.array(ref.scores[:len(ids)])
     print(f"{name} --llama-cpp: edgelm vs llama.cpp max |dlogit| {np.abs(a - b).max():.4f}")
     assert (a.argmax(-1) == b.argmax(-1)).mean() >= 0.8
+    model.close()
+    ref.close()
+
+
+@pytest.mark.parametrize("preset,kinds", [("q4_k_m", {"F32", "Q4_K", "Q6_K"}),
+                                          ("q3_k_m", {"F32", "Q3_K", "Q4_K", "Q5_K", "Q6_K"})])
+def test_k_quant_presets_write_what_llama_cpp_writes(preset, kinds, tiny, tmp_path, llama_cpp):
+    """On rows that are multiples of 256, ``--llama-cpp PRESET`` picks the K-quant of every tensor
+    that llama.cpp's own quantizer picks for the same model, and llama.cpp runs the file as edgelm
+    does."""
+    import ctypes
+
+    folder = tiny("llama-rows256")
+    ours = convert(folder, tmp_path / f"{preset}.gguf", llama_cpp=preset).path
+    f16 = convert(folder, tmp_path / "f16.gguf", outtype="f16").path
+    theirs = tmp_path / "theirs.gguf"
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = {"q4_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M, "q3_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q3_K_M}[preset]
+    assert llama_cpp.llama_model_quantize(str(f16).encode(), str(theirs).encode(), ctypes.byref(params)) == 0
+    a, b = GGUFFile(ours), GGUFFile(theirs)
+    types = {n: t.ggml_type.name for n, t in a.tensors.items()}
+    assert types == {n: t.ggml_type.name for n, t in b.tensors.items()}
+    assert set(types.values()) == kinds
+    # llama.cpp quantized the f16 file, we the bf16 checkpoint: the same values here (bf16 -> f16
+    # is exact for these weights), so every block must come out byte for byte the same
+    differ = [n for n in a.tensors if not np.array_equal(a.tensor_bytes(n), b.tensor_bytes(n))]
+    assert not differ, differ
+
+    ref = llama_cpp.Llama(model_path=str(ours), n_ctx=128, n_threads=2, verbose=False, logits_all=True)
+    model = edgelm.load(str(ours), threads=2, n_ctx=128)
+    ids = model.tokenize(PROMPTS[0] + " " + PROMPTS[2], add_bos=False)
+    ref.eval(ids)
+    x, y = model.logits(ids), np.array(ref.scores[:len(ids)])
+    print(f"{preset}: edgelm vs llama.cpp max |dlogit| {np.abs(x - y).max():.4f}, "
+          f"top-1 equal {(x.argmax(-1) == y.argmax(-1)).mean():.0%}")
+    assert (x.argmax(-1) == y.argmax(-1)).mean() >= 0.8
     model.close()
     ref.close()
 
