@@ -75,11 +75,15 @@ def test_real_chat_ctrl_c_keeps_the_conversation(use_real_model):
     stdin = WatchedInput("What is the capital of France? Answer in one word.\n" + story +
                          "/stats\nThanks.\n/stats\n", story)
     out = SigintMidReply(stdin, after=0.3)
+    # Python's own Ctrl-C handler, even if this run inherited SIGINT ignored (started with `&` by
+    # a non-interactive shell), where Python installs none.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         assert chat.run_chat(use_real_model, sampling={"temperature": 0.0, "max_tokens": 200},
                              stdin=stdin, stdout=out) == 0
     finally:
         out.timer.cancel()  # never let a late SIGINT hit another test
+        signal.signal(signal.SIGINT, previous)
     lines = out.getvalue().splitlines()
     assert "Paris" in lines[0]
     interrupted = [i for i, line in enumerate(lines) if line.endswith(" [interrupted]")]
