@@ -32,6 +32,7 @@ import numpy as np
 from numba import njit
 
 from .kvquant import KV_GROUP, hadamard_groups, key_group_params, key_group_query, load_key_codes, load_row
+from .quant_simd import axpy_f32, dot_f32, max_f32, sum_f32
 
 QUERY_BLOCK = 16  # queries per work item: scratch is QUERY_BLOCK x cache slots floats per thread
 # The softmax runs over the slots in use rounded up to this many (hidden slots add exact zeros):
@@ -84,7 +85,7 @@ def _rows16(store, recent, bits, kvh, t, ck, c0, lo, hi, n_sink, residual, n_rec
     return recent[kvh, ck % n_recent], _recent_until(ck, c0, lo, hi, n_sink, residual)
 
 
-@njit(nogil=True, fastmath=True, cache=True)
+@njit(nogil=True, cache=True)
 def attend_block(q, qs, att, i0, i1, h, hd, kc, vc, rk, rv, kbits, vbits, kvh, c0, slot_pos, n_slots,
                  n_sink, window, residual, n_recent, S, row, gaq, gdm, gdone, vacc):
     """att[i, h*hd:(h+1)*hd] = softmax(q_i . K^T / sqrt(hd)) V for queries i in [i0, i1).
@@ -127,11 +128,7 @@ def attend_block(q, qs, att, i0, i1, h, hd, kc, vc, rk, rv, kbits, vbits, kvh, c
             if split > lo:
                 load_row(src, 16, row, hd)
                 for i in range(lo, split):
-                    qi = qq[i, qb:qb + hd]
-                    s = np.float32(0.0)
-                    for j in range(hd):
-                        s += qi[j] * row[j]
-                    S[i - i0, t] = s * scale
+                    S[i - i0, t] = dot_f32(qq[i, qb:qb + hd], row, hd) * scale
             if hi > split:  # the quantized key group: fold its scales into each query once
                 if gdone[nq] == 0:
                     key_group_params(kc[kvh, g], kbits, hd, gdm)
@@ -142,24 +139,16 @@ def attend_block(q, qs, att, i0, i1, h, hd, kc, vc, rk, rv, kbits, vbits, kvh, c
                         gdone[i - i0] = 1
                 load_key_codes(kc[kvh, g], kbits, t - g * KV_GROUP, row, hd)
                 for i in range(split, hi):
-                    ai = gaq[i - i0, :hd]
-                    s = np.float32(0.0)
-                    for j in range(hd):
-                        s += ai[j] * row[j]
-                    S[i - i0, t] = (s + gaq[i - i0, hd]) * scale
+                    S[i - i0, t] = (dot_f32(gaq[i - i0, :hd], row, hd) + gaq[i - i0, hd]) * scale
 
     # ---- softmax ----
     for i in range(nq):
         Si = S[i, :n_pad]
-        m = _HIDDEN
+        m = max_f32(Si, n_pad, _HIDDEN)
         for t in range(n_pad):
-            m = max(m, Si[t])
-        total = np.float32(0.0)
-        for t in range(n_pad):
-            e = np.exp(Si[t] - m)
-            Si[t] = e
-            total += e
-        inv = np.float32(1.0) / total
+            # a key the query may not see has probability 0 (and costs no exp)
+            Si[t] = np.exp(Si[t] - m) if Si[t] > _HIDDEN else np.float32(0.0)
+        inv = np.float32(1.0) / sum_f32(Si, n_pad)
         for t in range(n_slots):
             Si[t] *= inv
         att[i0 + i, qb:qb + hd] = 0.0
@@ -176,17 +165,11 @@ def attend_block(q, qs, att, i0, i1, h, hd, kc, vc, rk, rv, kbits, vbits, kvh, c
         if split > lo:
             load_row(src, 16, row, hd)
             for i in range(lo, split):
-                p = S[i - i0, t]
-                ai = att[i, qb:qb + hd]
-                for j in range(hd):
-                    ai[j] += p * row[j]
+                axpy_f32(S[i - i0, t], row, att[i, qb:qb + hd], hd)
         if hi > split:
             load_row(vc[kvh, t], vbits, row, hd)
             for i in range(split, hi):
-                p = S[i - i0, t]
-                ai = vacc[i - i0, :hd]
-                for j in range(hd):
-                    ai[j] += p * row[j]
+                axpy_f32(S[i - i0, t], row, vacc[i - i0, :hd], hd)
     if vbits != 16:  # rotate the quantized values' share back and add it
         for i in range(nq):
             ai = vacc[i, :hd]

@@ -14,13 +14,13 @@ launch (tens of microseconds each) per matrix-vector product.
 prompt prefill or batched speculative verification (matrix-matrix kernels, which read each
 weight row once for all n tokens).
 
-``forward_worker`` and ``_project`` are compiled *without* fastmath, and must stay so: numba
-compiles a callee the first time a caller needs it, inside the caller's target context, so a
-fastmath caller turns on fastmath in every non-fastmath kernel it compiles first (the weight
-kernels, ``_rope``). Which caller came first then decided the rounding: a process that compiled
-the kernels from scratch decoded differently from one that loaded them from numba's disk cache
-(up to 0.8 in a logit of an INT3 file). Functions that want fastmath (``_rmsnorm_rows``, the
-attention and KV-cache kernels) say so themselves. ``tests/test_kernel_flags.py`` checks this.
+No kernel is compiled with fastmath, and none may be (``tests/test_kernel_flags.py``).
+fastmath lets LLVM reassociate sums, and how it does so depends on the code a kernel is
+compiled into: numba links every callee into its caller's module and optimizes the two
+together, so the same attention kernel rounded one way in the process that compiled it and
+another way when loaded from numba's disk cache (prefill logits differed from the 25th token
+on, and greedy text with it). Reductions use explicit vector FMAs instead
+(``quant_simd.dot_f32``), which are as fast and round the same way everywhere.
 """
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ from numba import njit
 from .attention import QUERY_BLOCK, attend_block, group_end
 from .kvquant import KV_GROUP, hadamard_groups, store_key_group, store_row
 from .lowlevel import spin_barrier
+from .quant_simd import dot_f32
 # Column layout of the int64 weight tables (one row per tensor): qdispatch's W_* columns.
 from .qdispatch import W_COLS, W_OFFSET, W_ROWS, W_TYPE, dequantize_rows_t, matmul_t, matvec_t  # noqa: F401
 # Per-layer slots (order of models.base.LAYER_SLOTS, minus the two norms held as float32).
@@ -57,14 +58,12 @@ def _project(blob, wt, X, out, n, tid, nthr):
     return r0, r1
 
 
-@njit(nogil=True, fastmath=True, cache=True)
+@njit(nogil=True, cache=True)
 def _rmsnorm_rows(x, weight, eps, out, i0, i1):
     """out[i] = x[i] / rms(x[i]) * weight for rows i in [i0, i1)."""
     d = x.shape[1]
     for i in range(i0, i1):
-        ss = np.float32(0.0)
-        for j in range(d):
-            ss += x[i, j] * x[i, j]
+        ss = dot_f32(x[i], x[i], d)
         scale = np.float32(1.0) / np.sqrt(ss / d + eps)
         for j in range(d):
             out[i, j] = x[i, j] * scale * weight[j]

@@ -32,6 +32,7 @@ import numpy as np
 from numba import njit
 
 from .lowlevel import f16_to_f32, f32_to_f16
+from .quant_simd import dot_f32
 
 KV_GROUP = 32
 KV_BITS = (16, 8, 4)
@@ -70,7 +71,7 @@ def _get_f16(src, o):
     return f16_to_f32(np.uint16(src[o]) | (np.uint16(src[o + 1]) << np.uint16(8)))
 
 
-@njit(nogil=True, fastmath=True, cache=True)
+@njit(nogil=True, cache=True)
 def store_row(dst, bits, x, x0, head_dim):
     """dst[:row_bytes] = the row x[x0 : x0 + head_dim] encoded at ``bits``."""
     if bits == 16:
@@ -109,7 +110,7 @@ def store_row(dst, bits, x, x0, head_dim):
                 dst[o + 4 + l] = np.uint8(a | (b << 4))
 
 
-@njit(nogil=True, fastmath=True, cache=True)
+@njit(nogil=True, cache=True)
 def load_row(src, bits, out, head_dim):
     """out[:head_dim] = the row encoded in src, as float32."""
     if bits == 16:
@@ -136,7 +137,7 @@ def load_row(src, bits, out, head_dim):
                 ys[l + half] = d * np.float32(qs[l] >> np.uint8(4)) + m
 
 
-@njit(nogil=True, fastmath=True, cache=True)
+@njit(nogil=True, cache=True)
 def hadamard_groups(x, x0, head_dim):
     """x[x0 : x0 + head_dim] <- H x, with H the orthonormal 32-point Walsh-Hadamard transform on
     each group of 32 (H is symmetric and its own inverse).
@@ -162,7 +163,7 @@ def hadamard_groups(x, x0, head_dim):
             v[j] *= norm
 
 
-@njit(nogil=True, fastmath=True, cache=True)
+@njit(nogil=True, cache=True)
 def store_key_group(dst, bits, rows, first, count, n_rows, head_dim):
     """dst[:key_group_bytes] = the key group of tokens first .. first + count - 1 (count <= 32),
     read from the 16-bit rows ``rows[token % n_rows]`` (uint8 [n_rows, 2 * head_dim])."""
@@ -202,7 +203,7 @@ def _code(x, m, inv, levels):
     return np.int32(min(levels, max(np.float32(0.0), (x - m) * inv + np.float32(0.5))))
 
 
-@njit(nogil=True, fastmath=True, cache=True)
+@njit(nogil=True, cache=True)
 def key_group_params(src, bits, head_dim, dm):
     """dm[0, j], dm[1, j] = scale and minimum of channel j of the key group in src (float32)."""
     codes = head_dim * KV_GROUP * bits // 8
@@ -211,20 +212,18 @@ def key_group_params(src, bits, head_dim, dm):
         dm[1, j] = _get_f16(src, codes + 2 * head_dim + 2 * j)
 
 
-@njit(nogil=True, fastmath=True, cache=True)
+@njit(nogil=True, cache=True)
 def key_group_query(dm, q, q0, head_dim, aq):
     """Fold a group's scales into a query: aq[j] = q_j d_j, and return sum_j q_j m_j.
 
     Then q . key_l = aq . codes_l + that sum: each token costs one dot product with its codes.
     """
-    base = np.float32(0.0)
     for j in range(head_dim):
         aq[j] = q[q0 + j] * dm[0, j]
-        base += q[q0 + j] * dm[1, j]
-    return base
+    return dot_f32(q[q0:q0 + head_dim], dm[1], head_dim)
 
 
-@njit(nogil=True, fastmath=True, cache=True)
+@njit(nogil=True, cache=True)
 def load_key_codes(src, bits, l, out, head_dim):
     """out[:head_dim] = the codes of token l of the key group in src, as float32."""
     row_len = head_dim * bits // 8

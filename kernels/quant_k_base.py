@@ -53,6 +53,7 @@ import numpy as np
 from numba import njit, types
 
 from .quant_k_simd import U8_ARRAYS, bits, fma_f32x8, fmaf, stack_array
+from .quant_simd import vfma, vhsum, vload, vzero
 
 QK_K = 256  # weights per super-block
 RT = 16  # rows per dequantized tile of the matmul driver
@@ -229,13 +230,15 @@ def _dequant_block(b, o, y, group, scales, values, sf, mf):
                 y[32 * c + 16 * h + i] = sf[s] * q + mf[s]
 
 
-@njit(nogil=True, fastmath=True, cache=True)
+@njit(nogil=True, cache=True)
 def _fma_tile(S, nr, kk, X, k0, out, t0, accumulate):
-    """out[i, t0 + r] (+)= S[r, :kk] . X[i, k0:k0+kk] for r < nr and every token i.
+    """out[i, t0 + r] (+)= S[r, :kk] . X[i, k0:k0+kk] for r < nr and every token i (kk % 8 == 0).
 
     Row and token indices past the end are clamped (the redundant results are not written),
-    so a single 4x3 register-blocked loop handles every shape. The k loop vectorizes with one
-    ymm accumulator per (row, token) pair, each x load feeds 4 FMAs and each weight 3.
+    so a single 4x3 register-blocked loop handles every shape: one ymm accumulator per (row,
+    token) pair, each x load feeds 4 FMAs and each weight load 3. Explicit vector FMAs rather
+    than fastmath: they round the same way wherever numba compiles this kernel (see
+    ``quant_simd.dot_f32``).
     """
     n = X.shape[0]
     for i0 in range(0, n, NT):
@@ -249,34 +252,30 @@ def _fma_tile(S, nr, kk, X, k0, out, t0, accumulate):
             s1 = S[r + 1, :kk]
             s2 = S[r + 2, :kk]
             s3 = S[r + 3, :kk]
-            a00 = a01 = a02 = a10 = a11 = a12 = np.float32(0.0)
-            a20 = a21 = a22 = a30 = a31 = a32 = np.float32(0.0)
-            for k in range(kk):
-                v0 = x0[k]
-                v1 = x1[k]
-                v2 = x2[k]
-                a00 += s0[k] * v0
-                a01 += s0[k] * v1
-                a02 += s0[k] * v2
-                a10 += s1[k] * v0
-                a11 += s1[k] * v1
-                a12 += s1[k] * v2
-                a20 += s2[k] * v0
-                a21 += s2[k] * v1
-                a22 += s2[k] * v2
-                a30 += s3[k] * v0
-                a31 += s3[k] * v1
-                a32 += s3[k] * v2
-            _store3(out, i0, t0 + r, a00, a01, a02, n, accumulate)
+            a00 = a01 = a02 = a10 = a11 = a12 = vzero()
+            a20 = a21 = a22 = a30 = a31 = a32 = vzero()
+            for k in range(0, kk, 8):
+                v0 = vload(x0, k)
+                v1 = vload(x1, k)
+                v2 = vload(x2, k)
+                w = vload(s0, k)
+                a00, a01, a02 = vfma(w, v0, a00), vfma(w, v1, a01), vfma(w, v2, a02)
+                w = vload(s1, k)
+                a10, a11, a12 = vfma(w, v0, a10), vfma(w, v1, a11), vfma(w, v2, a12)
+                w = vload(s2, k)
+                a20, a21, a22 = vfma(w, v0, a20), vfma(w, v1, a21), vfma(w, v2, a22)
+                w = vload(s3, k)
+                a30, a31, a32 = vfma(w, v0, a30), vfma(w, v1, a31), vfma(w, v2, a32)
+            _store3(out, i0, t0 + r, vhsum(a00), vhsum(a01), vhsum(a02), n, accumulate)
             if r + 1 < nr:
-                _store3(out, i0, t0 + r + 1, a10, a11, a12, n, accumulate)
+                _store3(out, i0, t0 + r + 1, vhsum(a10), vhsum(a11), vhsum(a12), n, accumulate)
             if r + 2 < nr:
-                _store3(out, i0, t0 + r + 2, a20, a21, a22, n, accumulate)
+                _store3(out, i0, t0 + r + 2, vhsum(a20), vhsum(a21), vhsum(a22), n, accumulate)
             if r + 3 < nr:
-                _store3(out, i0, t0 + r + 3, a30, a31, a32, n, accumulate)
+                _store3(out, i0, t0 + r + 3, vhsum(a30), vhsum(a31), vhsum(a32), n, accumulate)
 
 
-@njit(nogil=True, fastmath=True, cache=True)  # only _fma_tile calls it (tests/test_kernel_flags.py)
+@njit(nogil=True, inline="always", cache=True)
 def _store3(out, i0, c, v0, v1, v2, n, accumulate):
     """Write (or add) the results of tokens i0, i0+1, i0+2 that exist for output column c."""
     if accumulate:

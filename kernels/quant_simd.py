@@ -27,8 +27,9 @@ from __future__ import annotations
 import platform
 
 import llvmlite.binding as llvm_binding
+import numpy as np
 from llvmlite import ir
-from numba import types
+from numba import njit, types
 from numba.core import cgutils, config
 from numba.extending import intrinsic, models, register_model
 
@@ -175,6 +176,24 @@ def vfma(typingctx, a, b, c):
 def vhsum(typingctx, a):
     """Sum of the 8 lanes as float32 (fixed association order)."""
     return types.float32(f32x8), lambda context, builder, sig, args: _hsum8(builder, args[0])
+
+
+@intrinsic
+def vmax(typingctx, a, b):
+    """Lane-wise maximum (llvm.maxnum: exact, so any order of maxima gives the same result)."""
+    def codegen(context, builder, sig, args):
+        return _call(builder, "llvm.maxnum.v8f32", _V8F, list(args))
+
+    return f32x8(f32x8, f32x8), codegen
+
+
+@intrinsic
+def vhmax(typingctx, a):
+    """Largest of the 8 lanes as float32."""
+    def codegen(context, builder, sig, args):
+        return _call(builder, "llvm.vector.reduce.fmax.v8f32", _F32, [args[0]])
+
+    return types.float32(f32x8), codegen
 
 
 @intrinsic
@@ -414,3 +433,65 @@ def quantize_block_q8(typingctx, x, i, xq, j):
         return context.make_tuple(builder, sig.return_type, [d16, qsum])
 
     return types.UniTuple(types.float32, 2)(x, types.intp, xq, types.intp), codegen
+
+
+# ---------------------------------------------------------------------------------------------
+# reproducible float reductions for the strict (non-fastmath) kernels
+
+
+@njit(nogil=True, inline="always", cache=True)
+def dot_f32(a, b, n):
+    """sum_j a[j] * b[j] for j < n (1-D float32 views with unit stride).
+
+    Eight lanes of fused multiply-adds and a fixed-order lane sum, then a scalar tail. A plain
+    ``s += a[j] * b[j]`` vectorizes only under fastmath, and fastmath's reassociation depends
+    on the code around it: a kernel compiled into its caller in this process and the same
+    kernel loaded from numba's disk cache then sum differently. This one rounds the same way
+    wherever it is compiled.
+    """
+    n8 = n - n % 8
+    acc = vzero()
+    for j in range(0, n8, 8):
+        acc = vfma(vload(a, j), vload(b, j), acc)
+    s = vhsum(acc)
+    for j in range(n8, n):
+        s = sfma(a[j], b[j], s)
+    return s
+
+
+@njit(nogil=True, inline="always", cache=True)
+def sum_f32(a, n):
+    """sum_j a[j] for j < n, in the same fixed order as ``dot_f32`` (see there)."""
+    n8 = n - n % 8
+    one = vsplat(np.float32(1.0))
+    acc = vzero()
+    for j in range(0, n8, 8):
+        acc = vfma(vload(a, j), one, acc)  # exact: x * 1 + acc rounds once, like x + acc
+    s = vhsum(acc)
+    for j in range(n8, n):
+        s += a[j]
+    return s
+
+
+@njit(nogil=True, inline="always", cache=True)
+def axpy_f32(p, x, y, n):
+    """y[j] = fma(p, x[j], y[j]) for j < n (1-D float32 views with unit stride)."""
+    n8 = n - n % 8
+    pv = vsplat(p)
+    for j in range(0, n8, 8):
+        vstore(vfma(pv, vload(x, j), vload(y, j)), y, j)
+    for j in range(n8, n):
+        y[j] = sfma(p, x[j], y[j])
+
+
+@njit(nogil=True, inline="always", cache=True)
+def max_f32(a, n, init):
+    """max(init, a[0], ..., a[n-1]) for a 1-D float32 view without NaNs (exact in any order)."""
+    n8 = n - n % 8
+    acc = vsplat(init)
+    for j in range(0, n8, 8):
+        acc = vmax(vload(a, j), acc)
+    m = vhmax(acc)
+    for j in range(n8, n):
+        m = max(m, a[j])
+    return m

@@ -1,11 +1,11 @@
-"""No fastmath kernel may call a strict (non-fastmath) compiled kernel.
+"""No compiled kernel uses fastmath.
 
-numba compiles a callee the first time a caller needs it, inside the *caller's* target context:
-a strict kernel first reached from a fastmath caller is compiled with fastmath. Which caller
-came first then decides the kernel's rounding, and a process that compiled the kernels from
-scratch computed different logits from one that loaded them from numba's disk cache (see
-``kernels/forward.py``). Functions inlined at the numba-IR level (``inline="always"``) are
-compiled as part of their caller anyway, so they are allowed.
+fastmath lets LLVM reassociate floating-point sums, and how it does depends on the code a
+kernel ends up compiled into: numba compiles a callee when a caller first needs it and links it
+into the caller's module, where the two are optimized together. Which kernel was compiled first,
+and whether the process compiled the kernels or loaded them from numba's disk cache, then
+decided the rounding -- logits (and greedy text) differed between a first run and later runs.
+``tests/test_determinism.py`` checks the consequence end to end.
 """
 from __future__ import annotations
 
@@ -33,26 +33,8 @@ def _fastmath(d: CPUDispatcher) -> bool:
     return bool(d.targetoptions.get("fastmath"))
 
 
-def test_fastmath_kernels_call_only_fastmath_or_inlined_kernels():
+def test_no_kernel_is_fastmath():
     dispatchers = _dispatchers()
-    fast = [(n, d) for n, d in dispatchers.values() if _fastmath(d)]
-    assert fast, "expected some fastmath kernels (attention, KV cache, RMSNorm)"
-    bad = []
-    for name, d in fast:
-        glb = d.py_func.__globals__
-        for ref in d.py_func.__code__.co_names:
-            callee = glb.get(ref)
-            if not isinstance(callee, CPUDispatcher):
-                continue
-            if _fastmath(callee) or callee.targetoptions.get("inline") == "always":
-                continue
-            bad.append(f"{name} -> {callee.py_func.__module__}.{ref}")
-    assert not bad, "fastmath kernels calling strict kernels: " + ", ".join(bad)
-
-
-def test_the_forward_pass_and_weight_kernels_are_strict():
-    from edgelm.kernels import forward, qdispatch, quant_affine, quant_legacy
-
-    for d in (forward.forward_worker, forward._project, forward._rope, qdispatch.matvec_t,
-              qdispatch.matmul_t, quant_affine.matvec_affine3, quant_legacy.matvec_q4_1):
-        assert not _fastmath(d), d.py_func.__name__
+    assert len(dispatchers) > 30, "expected the package's numba kernels"
+    fast = sorted(n for n, d in dispatchers.values() if _fastmath(d))
+    assert not fast, "fastmath kernels: " + ", ".join(fast)

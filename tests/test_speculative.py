@@ -363,7 +363,7 @@ def test_calibration_runs_once_and_is_cached(tmp_path, monkeypatch, default_gguf
         assert load_calibration(path) is None and m.calibration() is None
         cal = m.calibration(create=True)
         assert 1 <= len(cal.skip) <= 3 and all(0 <= l < 6 for l in cal.skip)
-        assert 0.0 <= cal.agreement <= 1.0 and 0 < cal.draft_cost < 1.0
+        assert 0.0 <= cal.agreement <= 1.0 and 0 < cal.draft_cost <= 1.0  # measured: 1.0 when the head is all
         assert 0 <= cal.draft_len <= MAX_DRAFT and len(cal.verify_cost) == MAX_DRAFT + 1
         files = list((tmp_path / "home" / "speculative").iterdir())
         assert [f.suffix for f in files] == [".json"]  # no temp file left behind
