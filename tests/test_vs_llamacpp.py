@@ -62,11 +62,20 @@ def test_greedy_continuations_match(engines):
     assert sum(p >= 8 for p in prefixes) >= 4
 
 
+# llama.cpp's perplexity of the default file, ctx 512, 20 chunks (llama-perplexity's figure);
+# test_perplexity.py::test_method_on_llama_cpp_logits_reproduces_published_ppl recomputes it from
+# llama.cpp's logits in the same run, so the default file is not evaluated by llama.cpp twice.
+LLAMA_CPP_PPL_Q4_1 = 25.40
+# The re-quantized files: both engines on the first 8 chunks (saves ~2 minutes of CI).
+CHUNKS = {"q4_1": 20, "q8_0": 8, "q4_k_m": 8}
+
+
 def test_perplexity_within_one_percent(engines, eval_text):
     kind, ours, ref = engines
     tokens = ours.tokenize(eval_text[:200000])
     bos = ours.tokenizer.bos_id if ours.tokenizer.add_bos else None
-    mine = perplexity(ours.logits, tokens, 512, 20, bos)
-    theirs = perplexity(lambda ids: _ref_logits(ref, ids), tokens, 512, 20, bos)
-    print(f"{kind}: perplexity edgelm {mine.ppl:.3f} llama.cpp {theirs.ppl:.3f}")
-    assert abs(mine.ppl / theirs.ppl - 1) < 0.01
+    mine = perplexity(ours.logits, tokens, 512, CHUNKS[kind], bos).ppl
+    theirs = LLAMA_CPP_PPL_Q4_1 if kind == "q4_1" else \
+        perplexity(lambda ids: _ref_logits(ref, ids), tokens, 512, CHUNKS[kind], bos).ppl
+    print(f"{kind}: perplexity ({CHUNKS[kind]} chunks) edgelm {mine:.3f} llama.cpp {theirs:.3f}")
+    assert abs(mine / theirs - 1) < 0.01
