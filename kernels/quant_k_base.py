@@ -25,9 +25,9 @@ single bytes, in natural order.
   the converted words into 16 lane accumulators per token, scaled per sub-block, and reduce
   horizontally once per row; up to 4 tokens share each decoded word. The ``mf`` terms cost
   one 8-lane FMA per 8 sub-blocks against precomputed sub-block sums of ``x``.
-* :func:`matmul_blocks` from GEMM_MIN_TOKENS tokens: dequantize a tile of rows (RT rows x KC
-  columns, 64 KiB, L2) to float32, then run a register-blocked FMA kernel (MR=4 rows x NT=3
-  tokens = 12 ymm accumulators), so each weight is decoded once per tile for all tokens.
+* :func:`matmul_blocks` from GEMM_MIN_TOKENS tokens: dequantize a tile of RT rows to float32,
+  then run the legacy types' register-blocked FMA kernel (``quant_drivers.gemm_tile``) over
+  it, so each weight is decoded once per tile for all tokens.
 * :func:`dequantize_blocks_rows`.
 
 Numerics. Weights are ggml's (float32 scale times small integer, plus the additive term);
@@ -53,13 +53,10 @@ import numpy as np
 from numba import njit, types
 
 from .quant_k_simd import U8_ARRAYS, bits, fma_f32x8, fmaf, stack_array
-from .quant_simd import vfma, vhsum, vload, vzero
+from .quant_drivers import gemm_tile
 
 QK_K = 256  # weights per super-block
 RT = 16  # rows per dequantized tile of the matmul driver
-KC = 1024  # columns per tile chunk (multiple of QK_K): RT * KC * 4 bytes = 64 KiB
-MR = 4  # rows per register block of the FMA kernel
-NT = 3  # tokens per register block (MR * NT = 12 ymm accumulators after vectorization)
 GEMM_MIN_TOKENS = 16  # fewer tokens: multi-token dot_rows (measured crossover)
 WORD, BYTE = 4, 1  # ``width`` of values()
 # Signatures of a type's ``scales`` and ``values``: declared, so that numba compiles each once
@@ -230,68 +227,6 @@ def _dequant_block(b, o, y, group, scales, values, sf, mf):
                 y[32 * c + 16 * h + i] = sf[s] * q + mf[s]
 
 
-@njit(nogil=True, cache=True)
-def _fma_tile(S, nr, kk, X, k0, out, t0, accumulate):
-    """out[i, t0 + r] (+)= S[r, :kk] . X[i, k0:k0+kk] for r < nr and every token i (kk % 8 == 0).
-
-    Row and token indices past the end are clamped (the redundant results are not written),
-    so a single 4x3 register-blocked loop handles every shape: one ymm accumulator per (row,
-    token) pair, each x load feeds 4 FMAs and each weight load 3. Explicit vector FMAs rather
-    than fastmath: they round the same way wherever numba compiles this kernel (see
-    ``quant_simd.dot_f32``).
-    """
-    n = X.shape[0]
-    for i0 in range(0, n, NT):
-        i1 = min(i0 + 1, n - 1)
-        i2 = min(i0 + 2, n - 1)
-        x0 = X[i0, k0:k0 + kk]
-        x1 = X[i1, k0:k0 + kk]
-        x2 = X[i2, k0:k0 + kk]
-        for r in range(0, nr, MR):
-            s0 = S[r, :kk]
-            s1 = S[r + 1, :kk]
-            s2 = S[r + 2, :kk]
-            s3 = S[r + 3, :kk]
-            a00 = a01 = a02 = a10 = a11 = a12 = vzero()
-            a20 = a21 = a22 = a30 = a31 = a32 = vzero()
-            for k in range(0, kk, 8):
-                v0 = vload(x0, k)
-                v1 = vload(x1, k)
-                v2 = vload(x2, k)
-                w = vload(s0, k)
-                a00, a01, a02 = vfma(w, v0, a00), vfma(w, v1, a01), vfma(w, v2, a02)
-                w = vload(s1, k)
-                a10, a11, a12 = vfma(w, v0, a10), vfma(w, v1, a11), vfma(w, v2, a12)
-                w = vload(s2, k)
-                a20, a21, a22 = vfma(w, v0, a20), vfma(w, v1, a21), vfma(w, v2, a22)
-                w = vload(s3, k)
-                a30, a31, a32 = vfma(w, v0, a30), vfma(w, v1, a31), vfma(w, v2, a32)
-            _store3(out, i0, t0 + r, vhsum(a00), vhsum(a01), vhsum(a02), n, accumulate)
-            if r + 1 < nr:
-                _store3(out, i0, t0 + r + 1, vhsum(a10), vhsum(a11), vhsum(a12), n, accumulate)
-            if r + 2 < nr:
-                _store3(out, i0, t0 + r + 2, vhsum(a20), vhsum(a21), vhsum(a22), n, accumulate)
-            if r + 3 < nr:
-                _store3(out, i0, t0 + r + 3, vhsum(a30), vhsum(a31), vhsum(a32), n, accumulate)
-
-
-@njit(nogil=True, inline="always", cache=True)
-def _store3(out, i0, c, v0, v1, v2, n, accumulate):
-    """Write (or add) the results of tokens i0, i0+1, i0+2 that exist for output column c."""
-    if accumulate:
-        out[i0, c] += v0
-        if i0 + 1 < n:
-            out[i0 + 1, c] += v1
-        if i0 + 2 < n:
-            out[i0 + 2, c] += v2
-    else:
-        out[i0, c] = v0
-        if i0 + 1 < n:
-            out[i0 + 1, c] = v1
-        if i0 + 2 < n:
-            out[i0 + 2, c] = v2
-
-
 @njit(nogil=True, inline="always", cache=True)
 def matmul_blocks(w, cols, X, out, r0, r1, block_bytes, group, scales, values, rows_kernel):
     """out[i, r] = W[r, :] . X[i, :] for every token i and r in [r0, r1).
@@ -315,26 +250,12 @@ def matmul_blocks(w, cols, X, out, r0, r1, block_bytes, group, scales, values, r
             for i in range(n):
                 rows_kernel(w, cols, XP[i:], XS[i:], out[i:], t0, t1, 1)
         return
-    row_bytes = cols // QK_K * block_bytes
-    kc = min(cols, KC)
-    # Zeroed once: clamped rows of a partial tile read stale but finite values, never NaNs
-    # or denormals from uninitialized memory (their results are discarded anyway).
-    S = np.zeros((RT, kc), np.float32)  # RT is a multiple of MR: clamped blocks stay inside
-    sf = stack_array(16, np.float32)
-    mf = stack_array(16, np.float32)
+    tile = np.empty((RT, cols), np.float32)
+    flat = tile.reshape(RT * cols)
     for t0 in range(r0, r1, RT):
         nr = min(RT, r1 - t0)
-        for k0 in range(0, cols, kc):
-            kk = min(kc, cols - k0)
-            nbk = kk // QK_K
-            for r in range(nr):
-                # a view per (row, chunk), indexed from loop counters only (see dot_rows)
-                o0 = (t0 + r) * row_bytes + k0 // QK_K * block_bytes
-                wr = w[o0:o0 + nbk * block_bytes]
-                for b in range(nbk):
-                    y = S[r, b * QK_K:(b + 1) * QK_K]
-                    _dequant_block(wr, b * block_bytes, y, group, scales, values, sf, mf)
-            _fma_tile(S, nr, kk, X, k0, out, t0, k0 > 0)
+        dequantize_blocks_rows(w, cols, t0, t0 + nr, tile, block_bytes, group, scales, values)
+        gemm_tile(flat, nr, cols, X, out, t0)  # the legacy types' register-blocked FMA kernel
 
 
 @njit(nogil=True, inline="always", cache=True)
