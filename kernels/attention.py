@@ -1,9 +1,10 @@
 """Causal softmax attention over the KV cache, for a block of queries of one head.
 
 Prefill evaluates hundreds of queries against the same keys, so queries are processed in
-blocks: each cached key/value row is decoded to float32 once (from 16, 8 or 4 bits, see
-``kvquant``) and used by every query of the block that may see it -- the decoding and the row's
-memory traffic amortize over the block, and no dequantized copy of the cache is ever made.
+blocks: each cached key/value row is read once for every query of the block that may see it
+(16-bit rows in place, 8 halves per vcvtph2ps; 8- and 4-bit rows decoded to float32 once, see
+``kvquant``) -- the decoding and the row's memory traffic amortize over the block, and no
+dequantized copy of the cache is ever made.
 A decode step is the block of one query.
 
 Which keys a query sees is decided by token *counters* (the position of a token in the whole
@@ -32,7 +33,7 @@ import numpy as np
 from numba import njit
 
 from .kvquant import KV_GROUP, hadamard_groups, key_group_params, key_group_query, load_key_codes, load_row
-from .quant_simd import axpy_f32, dot_f32, max_f32, sum_f32
+from .quant_simd import axpy_f16, axpy_f32, dot_f16, dot_f32, max_f32, sum_f32
 
 QUERY_BLOCK = 16  # queries per work item: scratch is QUERY_BLOCK x cache slots floats per thread
 # The softmax runs over the slots in use rounded up to this many (hidden slots add exact zeros):
@@ -77,12 +78,9 @@ def _recent_until(ck, c0, lo, hi, n_sink, residual):
 
 
 @njit(nogil=True, inline="always", cache=True)
-def _rows16(store, recent, bits, kvh, t, ck, c0, lo, hi, n_sink, residual, n_recent):
-    """Where queries [lo, split) read slot t's 16-bit row: the store itself at 16 bits, else the
-    recent copy (queries [split, hi) then read the quantized store)."""
-    if bits == 16:
-        return store[kvh, t], hi
-    return recent[kvh, ck % n_recent], _recent_until(ck, c0, lo, hi, n_sink, residual)
+def _row_at(rows, kvh, r):
+    """Byte offset of row ``r`` of kv head ``kvh`` in a C-contiguous uint8 [heads, rows, bytes]."""
+    return (kvh * rows.shape[1] + r) * rows.shape[2]
 
 
 @njit(nogil=True, cache=True)
@@ -105,7 +103,12 @@ def attend_block(q, qs, att, i0, i1, h, hd, kc, vc, rk, rv, kbits, vbits, kvh, c
     """
     # Every inner loop indexes a 1-D view with its own loop counter: LLVM can then prove the
     # index non-negative, drop numba's negative-index wraparound and vectorize the loop.
+    # The per-key loops instead pass 16-bit rows and query rows to dot_f16/axpy_f16 as flat
+    # offsets into the whole arrays, written out here rather than in a helper: a view per key,
+    # or an inlined helper taking the arrays, makes numba reference-count them per call, which
+    # cost 2-3x the arithmetic of a decode step's attention (measured, 64-dim heads).
     qb = h * hd
+    qdim = q.shape[1]  # == att.shape[1]
     scale = np.float32(1.0) / np.sqrt(np.float32(hd))
     nq = i1 - i0
     n_pad = padded_slots(n_slots)
@@ -123,12 +126,22 @@ def attend_block(q, qs, att, i0, i1, h, hd, kc, vc, rk, rv, kbits, vbits, kvh, c
             lo, hi = _visible(ck, c0, i0, i1, n_sink, window)
             if lo >= hi:
                 continue
+            # 16-bit rows are read in place, by flat offsets (see the note above)
+            if kbits == 16:
+                ro = _row_at(kc, kvh, t)
+                if ck < n_sink:
+                    for i in range(lo, hi):
+                        S[i - i0, t] = dot_f16(qs, i * qdim + qb, kc, ro, hd) * scale
+                else:
+                    for i in range(lo, hi):
+                        S[i - i0, t] = dot_f16(q, i * qdim + qb, kc, ro, hd) * scale
+                continue
+            # a quantized cache: queries [lo, split) read the recent 16-bit copy, the rest the store
             qq = qs if ck < n_sink else q
-            src, split = _rows16(kc, rk, kbits, kvh, t, ck, c0, lo, hi, n_sink, residual, n_recent)
-            if split > lo:
-                load_row(src, 16, row, hd)
-                for i in range(lo, split):
-                    S[i - i0, t] = dot_f32(qq[i, qb:qb + hd], row, hd) * scale
+            split = _recent_until(ck, c0, lo, hi, n_sink, residual)
+            ro = _row_at(rk, kvh, ck % n_recent)
+            for i in range(lo, split):
+                S[i - i0, t] = dot_f16(qq, i * qdim + qb, rk, ro, hd) * scale
             if hi > split:  # the quantized key group: fold its scales into each query once
                 if gdone[nq] == 0:
                     key_group_params(kc[kvh, g], kbits, hd, gdm)
@@ -161,11 +174,15 @@ def attend_block(q, qs, att, i0, i1, h, hd, kc, vc, rk, rv, kbits, vbits, kvh, c
         lo, hi = _visible(ck, c0, i0, i1, n_sink, window)
         if lo >= hi:
             continue
-        src, split = _rows16(vc, rv, vbits, kvh, t, ck, c0, lo, hi, n_sink, residual, n_recent)
-        if split > lo:
-            load_row(src, 16, row, hd)
-            for i in range(lo, split):
-                axpy_f32(S[i - i0, t], row, att[i, qb:qb + hd], hd)
+        if vbits == 16:
+            ro = _row_at(vc, kvh, t)
+            for i in range(lo, hi):
+                axpy_f16(S[i - i0, t], vc, ro, att, i * qdim + qb, hd)
+            continue
+        split = _recent_until(ck, c0, lo, hi, n_sink, residual)
+        ro = _row_at(rv, kvh, ck % n_recent)
+        for i in range(lo, split):
+            axpy_f16(S[i - i0, t], rv, ro, att, i * qdim + qb, hd)
         if hi > split:
             load_row(vc[kvh, t], vbits, row, hd)
             for i in range(split, hi):

@@ -32,7 +32,7 @@ import numpy as np
 from numba import njit
 
 from .lowlevel import f16_to_f32, f32_to_f16
-from .quant_simd import dot_f32
+from .quant_simd import dot_f32, vload_f16, vstore
 
 KV_GROUP = 32
 KV_BITS = (16, 8, 4)
@@ -114,8 +114,12 @@ def store_row(dst, bits, x, x0, head_dim):
 def load_row(src, bits, out, head_dim):
     """out[:head_dim] = the row encoded in src, as float32."""
     if bits == 16:
+        # 8 halves per vcvtph2ps (a scalar loop of fpext(half) measured 46 ns per 64-value row)
+        n8 = head_dim - head_dim % 8
+        for j in range(0, n8, 8):
+            vstore(vload_f16(src, 2 * j), out, j)
         h = src.view(np.uint16)
-        for j in range(head_dim):
+        for j in range(n8, head_dim):
             out[j] = f16_to_f32(h[j])
         return
     for g in range(head_dim // KV_GROUP):
