@@ -32,8 +32,9 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .kvquant import KV_GROUP, hadamard_groups, key_group_params, key_group_query, load_key_codes, load_row
-from .quant_simd import axpy_f16, axpy_f32, dot_f16, dot_f32, max_f32, sum_f32
+from .kvquant import KV_GROUP, hadamard_groups, key_group_params, key_group_query
+from .kv_simd import axpy_f16, axpy_value_row, dot_codes, dot_f16
+from .quant_simd import max_f32, sum_f32
 
 QUERY_BLOCK = 16  # queries per work item: scratch is QUERY_BLOCK x cache slots floats per thread
 # The softmax runs over the slots in use rounded up to this many (hidden slots add exact zeros):
@@ -85,7 +86,7 @@ def _row_at(rows, kvh, r):
 
 @njit(nogil=True, cache=True)
 def attend_block(q, qs, att, i0, i1, h, hd, kc, vc, rk, rv, kbits, vbits, kvh, c0, slot_pos, n_slots,
-                 n_sink, window, residual, n_recent, S, row, gaq, gdm, gdone, vacc):
+                 n_sink, window, residual, n_recent, S, gaq, gdm, gdone, vacc):
     """att[i, h*hd:(h+1)*hd] = softmax(q_i . K^T / sqrt(hd)) V for queries i in [i0, i1).
 
     q, qs, att: f32 [n, q_dim]; query i has counter c0 + i; qs is q rotated for the sinks
@@ -97,7 +98,7 @@ def attend_block(q, qs, att, i0, i1, h, hd, kc, vc, rk, rv, kbits, vbits, kvh, c
             counter k in row k % n_recent (n_recent == 0: a 16-bit cache, no copies).
     slot_pos: int64 [slots] counter of the token in each slot (-1: empty); slots >= n_slots unused.
     S:      f32 [>= i1 - i0, >= padded_slots(n_slots)] scratch (scores, then probabilities).
-    row:    f32 [hd]; gdm: f32 [2, hd] a key group's scales and minima; gaq: f32 [QUERY_BLOCK,
+    gdm:    f32 [2, hd] a key group's scales and minima; gaq: f32 [QUERY_BLOCK,
             hd + 1] each query folded with them (key_group_query); gdone: int32 [QUERY_BLOCK + 1];
     vacc:   f32 [QUERY_BLOCK, hd] scratch.
     """
@@ -150,9 +151,9 @@ def attend_block(q, qs, att, i0, i1, h, hd, kc, vc, rk, rv, kbits, vbits, kvh, c
                     if gdone[i - i0] == 0:
                         gaq[i - i0, hd] = key_group_query(gdm, qq[i], qb, hd, gaq[i - i0])
                         gdone[i - i0] = 1
-                load_key_codes(kc[kvh, g], kbits, t - g * KV_GROUP, row, hd)
+                co = _row_at(kc, kvh, g) + (t - g * KV_GROUP) * (hd * kbits // 8)  # this token's codes
                 for i in range(split, hi):
-                    S[i - i0, t] = (dot_f32(gaq[i - i0, :hd], row, hd) + gaq[i - i0, hd]) * scale
+                    S[i - i0, t] = (dot_codes(gaq, (i - i0) * gaq.shape[1], kc, co, kbits, hd) + gaq[i - i0, hd]) * scale
 
     # ---- softmax ----
     for i in range(nq):
@@ -184,9 +185,9 @@ def attend_block(q, qs, att, i0, i1, h, hd, kc, vc, rk, rv, kbits, vbits, kvh, c
         for i in range(lo, split):
             axpy_f16(S[i - i0, t], rv, ro, att, i * qdim + qb, hd)
         if hi > split:
-            load_row(vc[kvh, t], vbits, row, hd)
+            ro = _row_at(vc, kvh, t)
             for i in range(split, hi):
-                axpy_f32(S[i - i0, t], row, vacc[i - i0, :hd], hd)
+                axpy_value_row(S[i - i0, t], vc, ro, vbits, vacc, (i - i0) * vacc.shape[1], hd)
     if vbits != 16:  # rotate the quantized values' share back and add it
         for i in range(nq):
             ai = vacc[i, :hd]

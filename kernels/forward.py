@@ -95,7 +95,7 @@ def _rope(vec, base, cos, sin, rope_dim, neox):
 def forward_worker(tid, nthr, sync,
                    blob, wtab, gtab, norms, bias, out_norm, icfg, eps, skip,
                    tokens, pos0, cos, sin, cos_s, sin_s, kcache, vcache, rkcache, rvcache, kvcfg,
-                   slots, slot_pos, x, xb, q, qs, k, v, att, tmp, hb, hb2, scores, row, gaq, gdm,
+                   slots, slot_pos, x, xb, q, qs, k, v, att, tmp, hb, hb2, scores, gaq, gdm,
                    gdone, vacc, logits_from, logits):
     """Thread ``tid`` of ``nthr``'s part of one forward pass over ``n = len(tokens)`` tokens.
 
@@ -122,7 +122,7 @@ def forward_worker(tid, nthr, sync,
     x, xb:  f32    [n, dim]               residual stream, normed copy
     q, qs:  f32    [n, q_dim];  k, v: f32 [n, kv_dim];  att: f32 [n, q_dim]
     tmp:    f32    [n, dim];    hb, hb2: f32 [n, hidden]
-    scores: f32    [nthr, QUERY_BLOCK, n_ctx]  per-thread attention scratch; row: f32 [nthr, head_dim]
+    scores: f32    [nthr, QUERY_BLOCK, n_ctx]  per-thread attention scratch
     gaq: f32 [nthr, QUERY_BLOCK, hd + 1]; gdm: f32 [nthr, 2, hd]; gdone: int32 [nthr, QUERY_BLOCK + 1];
     vacc: f32 [nthr, QUERY_BLOCK, hd]      attention scratch (kernels/attention)
     logits: f32    [n - logits_from, vocab]  written for tokens logits_from .. n-1
@@ -218,7 +218,7 @@ def forward_worker(tid, nthr, sync,
             i0 = blk * QUERY_BLOCK
             attend_block(q, qs if sink_queries else q, att, i0, min(n, i0 + QUERY_BLOCK), h, hd,
                          kc, vc, rk, rv, kbits, vbits, h // group, pos0, slot_pos, n_slots, n_sink,
-                         window, residual, n_recent, scores[tid], row[tid], gaq[tid], gdm[tid], gdone[tid],
+                         window, residual, n_recent, scores[tid], gaq[tid], gdm[tid], gdone[tid],
                          vacc[tid])
         spin_barrier(sync, nthr)
 

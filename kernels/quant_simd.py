@@ -460,34 +460,6 @@ def dot_f32(a, b, n):
 
 
 @njit(nogil=True, inline="always", cache=True)
-def dot_f16(a, ao, h, ho, n):
-    """sum_j a[ao + j] * half(h, ho + 2 j) for j < n: ``dot_f32`` of float32 values with a row of
-    little-endian halves (a 16-bit cache row), converted 8 at a time, in the same order -- the
-    same bits as converting the row first. ``ao`` and ``ho`` are flat element and byte offsets
-    into C-contiguous arrays of any rank: a hot loop passes offsets, not a view per row (numba
-    reference-counts views it cannot prove short-lived, ~10 ns each)."""
-    n8 = n - n % 8
-    acc = vzero()
-    for j in range(0, n8, 8):
-        acc = vfma(vload(a, ao + j), vload_f16(h, ho + 2 * j), acc)
-    s = vhsum(acc)
-    for j in range(n8, n):
-        s = sfma(sload(a, ao + j), load_f16(h, ho + 2 * j), s)
-    return s
-
-
-@njit(nogil=True, inline="always", cache=True)
-def axpy_f16(p, h, ho, y, yo, n):
-    """y[yo + j] = fma(p, half(h, ho + 2 j), y[yo + j]) for j < n (flat offsets, see ``dot_f16``)."""
-    n8 = n - n % 8
-    pv = vsplat(p)
-    for j in range(0, n8, 8):
-        vstore(vfma(pv, vload_f16(h, ho + 2 * j), vload(y, yo + j)), y, yo + j)
-    for j in range(n8, n):
-        sstore(sfma(p, load_f16(h, ho + 2 * j), sload(y, yo + j)), y, yo + j)
-
-
-@njit(nogil=True, inline="always", cache=True)
 def sum_f32(a, n):
     """sum_j a[j] for j < n, in the same fixed order as ``dot_f32`` (see there)."""
     n8 = n - n % 8

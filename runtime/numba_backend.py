@@ -150,7 +150,6 @@ class NumbaBackend:
                     np.zeros((n, a.dim), f32),                                   # tmp
                     np.zeros((n, a.hidden_dim), f32), np.zeros((n, a.hidden_dim), f32),  # hb, hb2
                     np.zeros((self.team.nthreads, min(n, QUERY_BLOCK), padded_slots(slots)), f32),  # scores
-                    np.zeros((self.team.nthreads, a.head_dim), f32),              # row
                     np.zeros((self.team.nthreads, QUERY_BLOCK, a.head_dim + 1), f32),  # gaq
                     np.zeros((self.team.nthreads, 2, a.head_dim), f32),           # gdm
                     np.zeros((self.team.nthreads, QUERY_BLOCK + 1), np.int32),    # gdone

@@ -1,0 +1,129 @@
+"""Vector reads of KV-cache rows for attention: 16-bit rows, 8-bit and 4-bit codes.
+
+Attention touches every cached row of a head on every decode step, so these read a row where it
+lies -- by flat offsets into the whole cache array, not through a view per row (numba
+reference-counts views it cannot prove short-lived, which cost more than the arithmetic) -- and
+convert 8 values at a time. Each function computes exactly what decoding the row to float32 first
+(``kvquant.load_row``/``load_key_codes``) and then ``dot_f32``/``axpy_f32`` computes, bit for bit:
+the same products in the same lanes and order.
+
+Offsets: ``ao``/``yo`` count float32 elements of C-contiguous arrays of any rank, ``ho``/``so``
+count bytes of C-contiguous uint8 arrays.
+"""
+from __future__ import annotations
+
+from numba import njit, types
+from numba.extending import intrinsic
+
+from .quant_simd import (_I8, _I32, _V8F, _bytes_as, _splat_const, _vec, f32x8, load_f16, sfma, sload, sstore,
+                         vfma, vhsum, vload, vload_f16, vsplat, vstore, vzero)
+
+KV_GROUP = 32  # tokens per key group, values per value group (kvquant)
+
+
+def _widen(builder, b: object, signed: bool):
+    """<8 x i8> -> f32x8, as signed or unsigned integers."""
+    wide = builder.sext(b, _vec(_I32, 8)) if signed else builder.zext(b, _vec(_I32, 8))
+    return builder.sitofp(wide, _V8F)
+
+
+@intrinsic
+def vload_u8(typingctx, b, off):
+    """8 unsigned bytes at byte offset ``off`` of uint8 array ``b`` as f32x8."""
+    def codegen(context, builder, sig, args):
+        return _widen(builder, _bytes_as(builder, context, sig.args[0], args[0], args[1], _I8, 8), False)
+
+    return f32x8(b, types.intp), codegen
+
+
+@intrinsic
+def vload_i8(typingctx, b, off):
+    """8 signed bytes at byte offset ``off`` of uint8 array ``b`` as f32x8."""
+    def codegen(context, builder, sig, args):
+        return _widen(builder, _bytes_as(builder, context, sig.args[0], args[0], args[1], _I8, 8), True)
+
+    return f32x8(b, types.intp), codegen
+
+
+@intrinsic
+def vload_nibbles(typingctx, b, off, high):
+    """The low (``high`` false) or high nibbles of 8 bytes at byte offset ``off`` as f32x8."""
+    def codegen(context, builder, sig, args):
+        v = _bytes_as(builder, context, sig.args[0], args[0], args[1], _I8, 8)
+        lo = builder.and_(v, _splat_const(_I8, 8, 0x0F))
+        hi = builder.lshr(v, _splat_const(_I8, 8, 4))
+        return _widen(builder, builder.select(args[2], hi, lo), False)
+
+    return f32x8(b, types.intp, types.boolean), codegen
+
+
+@njit(nogil=True, inline="always", cache=True)
+def dot_f16(a, ao, h, ho, n):
+    """sum_j a[ao + j] * half(h, ho + 2 j) for j < n: a float32 vector with a 16-bit row."""
+    n8 = n - n % 8
+    acc = vzero()
+    for j in range(0, n8, 8):
+        acc = vfma(vload(a, ao + j), vload_f16(h, ho + 2 * j), acc)
+    s = vhsum(acc)
+    for j in range(n8, n):
+        s = sfma(sload(a, ao + j), load_f16(h, ho + 2 * j), s)
+    return s
+
+
+@njit(nogil=True, inline="always", cache=True)
+def axpy_f16(p, h, ho, y, yo, n):
+    """y[yo + j] = fma(p, half(h, ho + 2 j), y[yo + j]) for j < n."""
+    n8 = n - n % 8
+    pv = vsplat(p)
+    for j in range(0, n8, 8):
+        vstore(vfma(pv, vload_f16(h, ho + 2 * j), vload(y, yo + j)), y, yo + j)
+    for j in range(n8, n):
+        sstore(sfma(p, load_f16(h, ho + 2 * j), sload(y, yo + j)), y, yo + j)
+
+
+@njit(nogil=True, inline="always", cache=True)
+def dot_codes(a, ao, c, co, bits, n):
+    """sum_j a[ao + j] * code_j of one token's key codes at byte ``co`` of ``c`` (n % 16 == 0):
+    at 8 bits code_j is byte j; at 4 bits the low nibbles of the n/2 bytes are codes 0 .. n/2-1
+    and their high nibbles codes n/2 .. n-1 (``kvquant.load_key_codes``)."""
+    acc = vzero()
+    if bits == 8:
+        for j in range(0, n, 8):
+            acc = vfma(vload(a, ao + j), vload_u8(c, co + j), acc)
+    else:
+        half = n // 2
+        for j in range(0, half, 8):
+            acc = vfma(vload(a, ao + j), vload_nibbles(c, co + j, False), acc)
+        for j in range(0, half, 8):
+            acc = vfma(vload(a, ao + half + j), vload_nibbles(c, co + j, True), acc)
+    return vhsum(acc)
+
+
+@njit(nogil=True, inline="always", cache=True)
+def axpy_value_row(p, c, co, bits, y, yo, n):
+    """y[yo + j] = fma(p, v_j, y[yo + j]) for the 8- or 4-bit value row at byte ``co`` of ``c``
+    (groups of 32: d | int8[32], or d | m | 16 bytes of nibbles; ``kvquant.load_row``).
+
+    v_j = d q_j (+ m) is formed with one FMA: d is a half and q has at most 8 bits, so d q is
+    exact and the FMA rounds once, as load_row's separate multiply and add do."""
+    pv = vsplat(p)
+    if bits == 8:
+        gb = 2 + KV_GROUP
+        for g in range(n // KV_GROUP):
+            o = co + g * gb
+            d, zero = vsplat(load_f16(c, o)), vzero()
+            for l in range(0, KV_GROUP, 8):
+                v = vfma(d, vload_i8(c, o + 2 + l), zero)
+                j = yo + g * KV_GROUP + l
+                vstore(vfma(pv, v, vload(y, j)), y, j)
+        return
+    gb = 4 + KV_GROUP // 2
+    half = KV_GROUP // 2
+    for g in range(n // KV_GROUP):
+        o = co + g * gb
+        d, m = vsplat(load_f16(c, o)), vsplat(load_f16(c, o + 2))
+        for h in range(2):
+            for l in range(0, half, 8):
+                v = vfma(d, vload_nibbles(c, o + 4 + l, h == 1), m)
+                j = yo + g * KV_GROUP + h * half + l
+                vstore(vfma(pv, v, vload(y, j)), y, j)
