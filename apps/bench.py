@@ -6,8 +6,8 @@ kernel cache is a new empty directory shared by both launches:
 1. the *cold* launch compiles every kernel (empty cache) and only measures start-up;
 2. the *warm* launch loads the kernels from that cache, measures start-up again, then prefill
    (a ``--prefill-tokens`` prompt from the eval text), greedy decode (``--decode-tokens`` after a
-   short prompt), time to first token, CPU-seconds per generated token and peak RSS, taking the
-   best of ``--repeats`` runs of every timed section.
+   short prompt, and after a ``--decode-depth`` one), time to first token, CPU-seconds per
+   generated token and peak RSS, taking the best of ``--repeats`` runs of every timed section.
 
 llama.cpp has no JIT, so its two launches differ only by noise; they are measured the same way so
 that the columns mean the same thing. The OS page cache holds the model file in both cases.
@@ -47,6 +47,7 @@ class BenchConfig:
     text_file: Path = DEFAULT_TEXT
     prefill_tokens: int = 512
     decode_tokens: int = 128
+    decode_depth: int = 512  # also decode after a prompt this long (0: no)
     repeats: int = 3
     kv_bits_k: int = 16  # edgelm's KV cache (llama.cpp keeps its default f16 cache)
     kv_bits_v: int = 16
@@ -55,6 +56,11 @@ class BenchConfig:
     kv_residual: int = DEFAULT_RESIDUAL
     memory_budget: str | None = None  # edgelm's governor (--memory-budget)
     backend: str = "auto"  # edgelm's backend (--backend)
+
+    def __post_init__(self) -> None:
+        if self.decode_depth < 0 or self.decode_depth + self.decode_tokens > self.ctx:
+            raise ValueError(f"--decode-depth {self.decode_depth} plus --decode-tokens {self.decode_tokens} "
+                             f"must fit in --ctx {self.ctx}")
 
 
 @dataclass(frozen=True)
@@ -69,6 +75,7 @@ class Metric:
 METRICS = (
     Metric("prefill_tok_s", "prefill tok/s", True, fmt="{:.1f}"),
     Metric("decode_tok_s", "decode tok/s", True, fmt="{:.1f}"),
+    Metric("deep_decode_tok_s", "decode tok/s, long prompt", True, fmt="{:.1f}"),
     Metric("ttft_s", "time to first token (s)", False, fmt="{:.3f}"),
     Metric("cold_start_s", "cold start (s)", False),
     Metric("warm_start_s", "warm start (s)", False),
@@ -87,6 +94,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text-file", type=Path, default=DEFAULT_TEXT, help="text the prompts are cut from")
     p.add_argument("--prefill-tokens", type=int, default=BenchConfig.prefill_tokens)
     p.add_argument("--decode-tokens", type=int, default=BenchConfig.decode_tokens)
+    p.add_argument("--decode-depth", type=int, default=BenchConfig.decode_depth,
+                   help="also time decoding after a prompt of this many tokens (default: %(default)s; 0: no)")
     p.add_argument("--repeats", type=int, default=BenchConfig.repeats, help="best of N (default: %(default)s)")
 
 
@@ -99,7 +108,8 @@ def run_worker(engine: str, config: BenchConfig, numba_cache: Path, startup_only
     cmd = [sys.executable, "-m", "edgelm.apps.bench_worker", "--engine", engine,
            "--model", str(config.model), "--threads", str(config.threads), "--ctx", str(config.ctx),
            "--text-file", str(config.text_file), "--prefill-tokens", str(config.prefill_tokens),
-           "--decode-tokens", str(config.decode_tokens), "--repeats", str(config.repeats),
+           "--decode-tokens", str(config.decode_tokens), "--decode-depth", str(config.decode_depth),
+           "--repeats", str(config.repeats),
            "--kv-bits-k", str(config.kv_bits_k), "--kv-bits-v", str(config.kv_bits_v),
            "--n-sink", str(config.n_sink), "--kv-residual", str(config.kv_residual)]
     if config.kv_window is not None:
@@ -173,9 +183,10 @@ def describe(config: BenchConfig, results: dict[str, dict]) -> str:
     energy = energy if isinstance(energy, str) else f"RAPL, {energy['counter']}" if energy else "not measured"
     backend = results["edgelm"].get("backend")
     versions += f" ({backend} backend)" if backend else ""
+    deep = f" (and after a {config.decode_depth}-token one)" if config.decode_depth else ""
     return (f"model {config.model.name}, {config.threads} threads, ctx {config.ctx}; {versions}\n"
             f"prefill {config.prefill_tokens} tokens, decode {decode} tokens greedy after a "
-            f"short prompt, best of {config.repeats}; energy: {energy}")
+            f"short prompt{deep}, best of {config.repeats}; energy: {energy}")
 
 
 def run_bench(config: BenchConfig, with_llama_cpp: bool) -> dict:
@@ -207,7 +218,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     config = BenchConfig(model=resolve(args.model), threads=choose_threads(args.threads, args.power).threads,
                          ctx=args.ctx, text_file=args.text_file, prefill_tokens=args.prefill_tokens,
-                         decode_tokens=args.decode_tokens, repeats=args.repeats,
+                         decode_tokens=args.decode_tokens, decode_depth=args.decode_depth, repeats=args.repeats,
                          kv_bits_k=args.kv_bits_k or args.kv_bits, kv_bits_v=args.kv_bits_v or args.kv_bits,
                          kv_window=args.kv_window, n_sink=args.n_sink, kv_residual=args.kv_residual,
                          memory_budget=args.memory_budget, backend=args.backend)

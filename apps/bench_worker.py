@@ -8,7 +8,8 @@ Both engines run the same protocol (:class:`Engine`): a fresh context, a prompt,
 ``n`` tokens, with the same definitions of the timings:
 
 * ``ttft_s``: from the call until the first new token is known (prompt evaluation + sampling);
-* ``decode_s`` over ``decode_steps`` single-token forward passes after that;
+* ``decode_s`` over ``decode_steps`` single-token forward passes after that (after a short
+  prompt, and with ``--decode-depth N`` also after an N-token one);
 * ``cpu_s``: process CPU time (all threads) over the whole call.
 
     python -m edgelm.apps.bench_worker --engine edgelm --model M.gguf --threads 2 --text-file F
@@ -21,7 +22,7 @@ import platform
 import resource
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
@@ -130,24 +131,30 @@ class Prompts:
     prefill: list[list[int]]  # ``prefill_tokens`` each
     decode: list[list[int]]  # ``DECODE_PROMPT_TOKENS`` each
     warmup: list[int]
+    deep: list[list[int]] = field(default_factory=list)  # ``decode_depth`` each (none: not measured)
 
 
-def prompts(engine: Engine, text: str, prefill_tokens: int, repeats: int) -> Prompts:
+def prompts(engine: Engine, text: str, prefill_tokens: int, repeats: int, decode_depth: int = 0) -> Prompts:
     """Consecutive windows of ``text`` (in the engine's own tokenizer), a different one per run.
 
     Every run gets a prompt it has not seen: edgelm reuses the KV cache of a shared prompt prefix
     (as llama.cpp's server does), so repeating one prompt would time a 1-token prefill.
+    ``decode_depth`` > 0 adds ``repeats`` prompts of that many tokens, for decoding after a long
+    prompt (attention then reads the whole cache on every step, as in a long chat).
     """
     window = max(prefill_tokens, DECODE_PROMPT_TOKENS)
-    needed = 2 * repeats * window + DECODE_PROMPT_TOKENS
+    needed = 2 * repeats * window + repeats * decode_depth + DECODE_PROMPT_TOKENS
     # ~4 characters per token in English; 8 leaves ample margin without tokenizing a whole book.
     ids = engine.tokenize(text[:needed * 8])
     if len(ids) < needed:
         raise ValueError(f"the benchmark text gives only {len(ids)} tokens; {needed} are needed")
     windows = [ids[i * window:(i + 1) * window] for i in range(2 * repeats)]
+    after = 2 * repeats * window
+    deep = [ids[after + i * decode_depth:after + (i + 1) * decode_depth]
+            for i in range(repeats if decode_depth else 0)]
     return Prompts(prefill=[w[:prefill_tokens] for w in windows[:repeats]],
                    decode=[w[:DECODE_PROMPT_TOKENS] for w in windows[repeats:]],
-                   warmup=ids[-DECODE_PROMPT_TOKENS:])
+                   warmup=ids[-DECODE_PROMPT_TOKENS:], deep=deep)
 
 
 def measure(engine: Engine, prompts: Prompts, decode_tokens: int) -> dict:
@@ -161,7 +168,11 @@ def measure(engine: Engine, prompts: Prompts, decode_tokens: int) -> dict:
     decode = max(decode_runs, key=lambda r: r.decode_tok_s)
     energy = energy_report(rapl, joules, sum(r.generated_tokens for r in decode_runs))
     kv_bytes = getattr(getattr(engine, "model", None), "cache", None)
+    deep = max((engine.run(ids, decode_tokens) for ids in prompts.deep), key=lambda r: r.decode_tok_s,
+               default=None)
     return {
+        "decode_depth": deep.prompt_tokens if deep else None,
+        "deep_decode_tok_s": deep.decode_tok_s if deep else None,
         "joules_per_token": energy["joules_per_token"] if isinstance(energy, dict) else None,
         "energy": energy,
         "kv_bytes": kv_bytes.nbytes if kv_bytes is not None else None,
@@ -191,6 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--prefill-tokens", type=int, default=512)
     p.add_argument("--decode-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--decode-depth", type=int, default=0, help="also decode after a prompt this long (0: no)")
     p.add_argument("--launched-at", type=float, default=None,
                    help="time.time() of the parent just before it started this process")
     p.add_argument("--startup-only", action="store_true", help="measure start-up, then exit")
@@ -202,6 +214,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--memory-budget", default=None)
     p.add_argument("--backend", default=None, help="edgelm's backend (default: edgelm's auto)")
     args = p.parse_args(argv)
+    if args.decode_depth + args.decode_tokens > args.ctx:
+        p.error(f"--decode-depth {args.decode_depth} plus --decode-tokens {args.decode_tokens} must fit in --ctx {args.ctx}")
 
     text = args.text_file.read_text(encoding="utf-8")
     t_load = time.perf_counter()
@@ -215,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         kv["backend"] = args.backend
     engine = ENGINES[args.engine](args.model, args.threads, args.ctx, **kv)
     load_s = time.perf_counter() - t_load
-    runs = prompts(engine, text, args.prefill_tokens, args.repeats)
+    runs = prompts(engine, text, args.prefill_tokens, args.repeats, args.decode_depth)
     # Start-up ends with the first token of a short prompt: for edgelm that includes compiling
     # (cold) or loading (warm) the numba kernels of both the multi-token and one-token paths.
     engine.run(runs.warmup, 2)

@@ -371,6 +371,20 @@ def test_bench_measure_keeps_the_best_of_repeats():
     assert m["prefill_tok_s"] == pytest.approx(100.0)  # 512 tokens at the fastest 0.01 s/token
     assert m["decode_tok_s"] == pytest.approx(10.0) and m["decode_tokens"] == 11
     assert m["ttft_s"] == pytest.approx(0.16) and m["cpu_s_per_token"] == pytest.approx(0.2)
+    assert m["deep_decode_tok_s"] is None  # no --decode-depth
+
+
+def test_bench_decode_after_a_long_prompt():
+    engine = CountingEngine()
+    runs = bench_worker.prompts(engine, "word " * 4000, 64, repeats=2, decode_depth=300)
+    assert [len(p) for p in runs.deep] == [300, 300]
+    firsts = [p[0] for p in runs.prefill + runs.decode + runs.deep]
+    assert len(set(firsts)) == 6  # each deep prompt is text no other run began with
+    m = bench_worker.measure(engine, runs, decode_tokens=11)
+    # the deep runs are the 5th and 6th: 2x and 3x the base time; the faster one counts
+    assert m["decode_depth"] == 300 and m["deep_decode_tok_s"] == pytest.approx(5.0)
+    with pytest.raises(ValueError, match="--decode-depth 1000 plus --decode-tokens 128 must fit in --ctx 1024"):
+        bench.BenchConfig(model=Path("m.gguf"), threads=1, decode_depth=1000)
 
 
 def test_bench_table_and_json(fake, capsys, monkeypatch):
@@ -389,7 +403,7 @@ def test_bench_table_and_json(fake, capsys, monkeypatch):
     assert "2 threads" in table[0]
     assert table[2].split() == ["metric", "edgelm", "llama.cpp", "ours/theirs", "better"]
     assert table[3].split() == ["prefill", "tok/s", "100.0", "200.0", "0.50", "higher"]
-    assert table[8].split() == ["peak", "RSS", "(MiB)", "300.0", "200.0", "1.50", "lower"]
+    assert table[9].split() == ["peak", "RSS", "(MiB)", "300.0", "200.0", "1.50", "lower"]
     assert cli.main(["bench", "--model", fake["path"], "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["ratios"]["cold_start_s"] == pytest.approx(30.0) and report["note"] is None
@@ -403,9 +417,10 @@ def test_bench_table_and_json(fake, capsys, monkeypatch):
 def test_bench_worker_runs_llama_cpp(default_gguf, eval_text, tmp_path):
     pytest.importorskip("llama_cpp")
     config = bench.BenchConfig(model=default_gguf, threads=1, ctx=256, prefill_tokens=64,
-                               decode_tokens=8, repeats=1)
+                               decode_tokens=8, decode_depth=128, repeats=1)
     result = bench.run_worker("llama.cpp", config, tmp_path)
     assert result["engine"] == "llama.cpp" and result["decode_tokens"] == 8
+    assert result["decode_depth"] == 128 and result["deep_decode_tok_s"] > 0
     assert result["prefill_tok_s"] > 0 and result["decode_tok_s"] > 0
     assert 0 < result["startup_s"] < 60 and result["peak_rss_bytes"] > 50 * 2**20
 
