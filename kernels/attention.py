@@ -1,10 +1,10 @@
 """Causal softmax attention over the KV cache, for a block of queries of one head.
 
 Prefill evaluates hundreds of queries against the same keys, so queries are processed in
-blocks: each cached key/value row is read once for every query of the block that may see it
-(16-bit rows in place, 8 halves per vcvtph2ps; 8- and 4-bit rows decoded to float32 once, see
-``kvquant``) -- the decoding and the row's memory traffic amortize over the block, and no
-dequantized copy of the cache is ever made.
+blocks: each cached key/value row is fetched once for every query of the block that may see it,
+and read where it lies, 8 values per vector instruction, whether it holds 16-bit values or 8/4-bit
+codes (``kv_simd``, formats in ``kvquant``) -- the row's memory traffic amortizes over the block,
+and no dequantized copy of the cache is ever made.
 A decode step is the block of one query.
 
 Which keys a query sees is decided by token *counters* (the position of a token in the whole
@@ -104,10 +104,12 @@ def attend_block(q, qs, att, i0, i1, h, hd, kc, vc, rk, rv, kbits, vbits, kvh, c
     """
     # Every inner loop indexes a 1-D view with its own loop counter: LLVM can then prove the
     # index non-negative, drop numba's negative-index wraparound and vectorize the loop.
-    # The per-key loops instead pass 16-bit rows and query rows to dot_f16/axpy_f16 as flat
+    # The per-key loops instead pass cache rows and query rows to the kv_simd reads as flat
     # offsets into the whole arrays, written out here rather than in a helper: a view per key,
     # or an inlined helper taking the arrays, makes numba reference-count them per call, which
-    # cost 2-3x the arithmetic of a decode step's attention (measured, 64-dim heads).
+    # cost 2-3x the arithmetic of a decode step's attention (measured, 64-dim heads). For the
+    # same reason the hot 16-bit score loop is written twice rather than picking q or qs by a
+    # select (~20% per key, measured); the quantized cache's recent copies take the select.
     qb = h * hd
     qdim = q.shape[1]  # == att.shape[1]
     scale = np.float32(1.0) / np.sqrt(np.float32(hd))
@@ -127,7 +129,7 @@ def attend_block(q, qs, att, i0, i1, h, hd, kc, vc, rk, rv, kbits, vbits, kvh, c
             lo, hi = _visible(ck, c0, i0, i1, n_sink, window)
             if lo >= hi:
                 continue
-            # 16-bit rows are read in place, by flat offsets (see the note above)
+            # a 16-bit cache (see the note above)
             if kbits == 16:
                 ro = _row_at(kc, kvh, t)
                 if ck < n_sink:

@@ -17,8 +17,7 @@ from numba.extending import intrinsic
 
 from .quant_simd import (_I8, _I32, _V8F, _bytes_as, _splat_const, _vec, f32x8, load_f16, sfma, sload, sstore,
                          vfma, vhsum, vload, vload_f16, vsplat, vstore, vzero)
-
-KV_GROUP = 32  # tokens per key group, values per value group (kvquant)
+from .kvquant import KV_GROUP, Q4_GROUP_BYTES, Q8_GROUP_BYTES
 
 
 def _widen(builder, b: object, signed: bool):
@@ -108,19 +107,17 @@ def axpy_value_row(p, c, co, bits, y, yo, n):
     exact and the FMA rounds once, as load_row's separate multiply and add do."""
     pv = vsplat(p)
     if bits == 8:
-        gb = 2 + KV_GROUP
         for g in range(n // KV_GROUP):
-            o = co + g * gb
+            o = co + g * Q8_GROUP_BYTES
             d, zero = vsplat(load_f16(c, o)), vzero()
             for l in range(0, KV_GROUP, 8):
                 v = vfma(d, vload_i8(c, o + 2 + l), zero)
                 j = yo + g * KV_GROUP + l
                 vstore(vfma(pv, v, vload(y, j)), y, j)
         return
-    gb = 4 + KV_GROUP // 2
     half = KV_GROUP // 2
     for g in range(n // KV_GROUP):
-        o = co + g * gb
+        o = co + g * Q4_GROUP_BYTES
         d, m = vsplat(load_f16(c, o)), vsplat(load_f16(c, o + 2))
         for h in range(2):
             for l in range(0, half, 8):

@@ -36,8 +36,8 @@ from .quant_simd import dot_f32, vload_f16, vstore
 
 KV_GROUP = 32
 KV_BITS = (16, 8, 4)
-_Q8_BYTES = 2 + KV_GROUP
-_Q4_BYTES = 4 + KV_GROUP // 2
+Q8_GROUP_BYTES = 2 + KV_GROUP  # a value group at 8 bits: d | int8[32]
+Q4_GROUP_BYTES = 4 + KV_GROUP // 2  # at 4 bits: d | m | 16 bytes of nibbles
 
 
 def key_group_bytes(bits: int, head_dim: int) -> int:
@@ -55,8 +55,8 @@ def row_bytes(bits: int, head_dim: int) -> int:
     if bits == 16:
         return 2 * head_dim
     if bits == 8:
-        return head_dim // KV_GROUP * _Q8_BYTES
-    return head_dim // KV_GROUP * _Q4_BYTES
+        return head_dim // KV_GROUP * Q8_GROUP_BYTES
+    return head_dim // KV_GROUP * Q4_GROUP_BYTES
 
 
 @njit(nogil=True, inline="always", cache=True)
@@ -82,7 +82,7 @@ def store_row(dst, bits, x, x0, head_dim):
     for g in range(head_dim // KV_GROUP):
         xs = x[x0 + g * KV_GROUP: x0 + (g + 1) * KV_GROUP]
         if bits == 8:
-            o = g * _Q8_BYTES
+            o = g * Q8_GROUP_BYTES
             amax = np.float32(0.0)
             for l in range(KV_GROUP):
                 amax = max(amax, abs(xs[l]))
@@ -93,7 +93,7 @@ def store_row(dst, bits, x, x0, head_dim):
             for l in range(KV_GROUP):
                 q[l] = np.int8(np.rint(xs[l] * inv))
         else:
-            o = g * _Q4_BYTES
+            o = g * Q4_GROUP_BYTES
             lo, hi = xs[0], xs[0]
             for l in range(KV_GROUP):
                 lo = min(lo, xs[l])
@@ -125,13 +125,13 @@ def load_row(src, bits, out, head_dim):
     for g in range(head_dim // KV_GROUP):
         ys = out[g * KV_GROUP: (g + 1) * KV_GROUP]
         if bits == 8:
-            o = g * _Q8_BYTES
+            o = g * Q8_GROUP_BYTES
             d = _get_f16(src, o)
             q = src[o + 2: o + 2 + KV_GROUP].view(np.int8)
             for l in range(KV_GROUP):
                 ys[l] = d * np.float32(q[l])
         else:
-            o = g * _Q4_BYTES
+            o = g * Q4_GROUP_BYTES
             d = _get_f16(src, o)
             m = _get_f16(src, o + 2)
             half = KV_GROUP // 2
