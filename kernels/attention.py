@@ -33,8 +33,9 @@ import numpy as np
 from numba import njit
 
 from .kvquant import KV_GROUP, hadamard_groups, key_group_params, key_group_query
-from .kv_simd import axpy_f16, axpy_value_row, dot_codes, dot_f16
-from .quant_simd import max_f32, sum_f32
+from .ggml_math import expf, round_f16
+from .kv_simd import axpy_f16, axpy_value_row, dot_codes, dot_f16_ggml, reduce_value_parts
+from .quant_simd import max_f32, vhsum, vload
 
 QUERY_BLOCK = 16  # queries per work item: scratch is QUERY_BLOCK x cache slots floats per thread
 # The softmax runs over the slots in use rounded up to this many (hidden slots add exact zeros):
@@ -42,6 +43,9 @@ QUERY_BLOCK = 16  # queries per work item: scratch is QUERY_BLOCK x cache slots 
 # slots in use, so a query's attention does not depend on how many tokens its pass evaluates
 # (speculative verification must reproduce one-token decoding bit for bit).
 SOFTMAX_PAD = 64
+# 16-bit value rows are summed into this many partial sums by key slot (slot % V_PARTS), then
+# reduced in a fixed tree: the order of ggml's ``ggml_vec_dot_f16`` over the keys (kv_simd).
+V_PARTS = 32
 _HIDDEN = np.float32(-1e30)  # score of a key a query may not see (finite: fastmath assumes no inf)
 
 
@@ -100,7 +104,8 @@ def attend_block(q, qs, att, i0, i1, h, hd, kc, vc, rk, rv, kbits, vbits, kvh, c
     S:      f32 [>= i1 - i0, >= padded_slots(n_slots)] scratch (scores, then probabilities).
     gdm:    f32 [2, hd] a key group's scales and minima; gaq: f32 [QUERY_BLOCK,
             hd + 1] each query folded with them (key_group_query); gdone: int32 [QUERY_BLOCK + 1];
-    vacc:   f32 [QUERY_BLOCK, hd] scratch.
+    vacc:   f32 [QUERY_BLOCK, (V_PARTS + 1) hd] scratch: per query, the quantized values' sum,
+            then V_PARTS partial sums of the 16-bit value rows.
     """
     # Every inner loop indexes a 1-D view with its own loop counter: LLVM can then prove the
     # index non-negative, drop numba's negative-index wraparound and vectorize the loop.
@@ -134,17 +139,17 @@ def attend_block(q, qs, att, i0, i1, h, hd, kc, vc, rk, rv, kbits, vbits, kvh, c
                 ro = _row_at(kc, kvh, t)
                 if ck < n_sink:
                     for i in range(lo, hi):
-                        S[i - i0, t] = dot_f16(qs, i * qdim + qb, kc, ro, hd) * scale
+                        S[i - i0, t] = dot_f16_ggml(qs, i * qdim + qb, kc, ro, hd) * scale
                 else:
                     for i in range(lo, hi):
-                        S[i - i0, t] = dot_f16(q, i * qdim + qb, kc, ro, hd) * scale
+                        S[i - i0, t] = dot_f16_ggml(q, i * qdim + qb, kc, ro, hd) * scale
                 continue
             # a quantized cache: queries [lo, split) read the recent 16-bit copy, the rest the store
             qq = qs if ck < n_sink else q
             split = _recent_until(ck, c0, lo, hi, n_sink, residual)
             ro = _row_at(rk, kvh, ck % n_recent)
             for i in range(lo, split):
-                S[i - i0, t] = dot_f16(qq, i * qdim + qb, rk, ro, hd) * scale
+                S[i - i0, t] = dot_f16_ggml(qq, i * qdim + qb, rk, ro, hd) * scale
             if hi > split:  # the quantized key group: fold its scales into each query once
                 if gdone[nq] == 0:
                     key_group_params(kc[kvh, g], kbits, hd, gdm)
@@ -157,39 +162,48 @@ def attend_block(q, qs, att, i0, i1, h, hd, kc, vc, rk, rv, kbits, vbits, kvh, c
                 for i in range(split, hi):
                     S[i - i0, t] = (dot_codes(gaq, (i - i0) * gaq.shape[1], kc, co, kbits, hd) + gaq[i - i0, hd]) * scale
 
-    # ---- softmax ----
+    # ---- softmax, rounded as ggml's soft_max_f32: exp by ggml's polynomial, the sum in float64
+    # over float32 sums of 8 slots, probabilities rounded to float16 for the F16 value product ----
+    vw = vacc.shape[1]
     for i in range(nq):
         Si = S[i, :n_pad]
         m = max_f32(Si, n_pad, _HIDDEN)
         for t in range(n_pad):
             # a key the query may not see has probability 0 (and costs no exp)
-            Si[t] = np.exp(Si[t] - m) if Si[t] > _HIDDEN else np.float32(0.0)
-        inv = np.float32(1.0) / sum_f32(Si, n_pad)
+            Si[t] = expf(Si[t] - m) if Si[t] > _HIDDEN else np.float32(0.0)
+        total = 0.0
+        for t in range(0, n_pad, 8):
+            total += np.float64(vhsum(vload(Si, t)))
+        inv = np.float32(1.0 / total)
         for t in range(n_slots):
-            Si[t] *= inv
-        att[i0 + i, qb:qb + hd] = 0.0
-        if vbits != 16:
-            vacc[i, :hd] = 0.0
+            Si[t] = round_f16(Si[t] * inv)
+        vi = vacc[i]
+        for j in range((1 + V_PARTS) * hd):  # all parts: the reduction reads every one
+            vi[j] = 0.0
 
-    # ---- values: 16-bit rows into att, quantized rows (Hadamard basis) into vacc ----
+    # ---- values: 16-bit rows into the partial sums of their slot, quantized rows (Hadamard
+    # basis) into vacc[:, :hd] ----
     for t in range(n_slots):
         ck = slot_pos[t]
         lo, hi = _visible(ck, c0, i0, i1, n_sink, window)
         if lo >= hi:
             continue
+        po = (1 + t % V_PARTS) * hd
         if vbits == 16:
             ro = _row_at(vc, kvh, t)
             for i in range(lo, hi):
-                axpy_f16(S[i - i0, t], vc, ro, att, i * qdim + qb, hd)
+                axpy_f16(S[i - i0, t], vc, ro, vacc, (i - i0) * vw + po, hd)
             continue
         split = _recent_until(ck, c0, lo, hi, n_sink, residual)
         ro = _row_at(rv, kvh, ck % n_recent)
         for i in range(lo, split):
-            axpy_f16(S[i - i0, t], rv, ro, att, i * qdim + qb, hd)
+            axpy_f16(S[i - i0, t], rv, ro, vacc, (i - i0) * vw + po, hd)
         if hi > split:
             ro = _row_at(vc, kvh, t)
             for i in range(split, hi):
-                axpy_value_row(S[i - i0, t], vc, ro, vbits, vacc, (i - i0) * vacc.shape[1], hd)
+                axpy_value_row(S[i - i0, t], vc, ro, vbits, vacc, (i - i0) * vw, hd)
+    for i in range(nq):
+        reduce_value_parts(vacc, i * vw + hd, att, (i0 + i) * qdim + qb, hd)
     if vbits != 16:  # rotate the quantized values' share back and add it
         for i in range(nq):
             ai = vacc[i, :hd]

@@ -19,8 +19,9 @@ fastmath lets LLVM reassociate sums, and how it does so depends on the code a ke
 compiled into: numba links every callee into its caller's module and optimizes the two
 together, so the same attention kernel rounded one way in the process that compiled it and
 another way when loaded from numba's disk cache (prefill logits differed from the 25th token
-on, and greedy text with it). Reductions use explicit vector FMAs instead
-(``quant_simd.dot_f32``), which are as fast and round the same way everywhere.
+on, and greedy text with it). Every rounding is explicit instead -- and chosen to be
+llama.cpp's: RMSNorm, RoPE, SiLU, the attention and the int8-activation products compute what
+ggml's CPU backend computes, bit for bit (``ggml_math``; README "Agreement with llama.cpp").
 """
 from __future__ import annotations
 
@@ -28,15 +29,16 @@ import numpy as np
 from numba import njit
 
 from .attention import QUERY_BLOCK, attend_block, group_end
+from .ggml_math import rmsnorm_scale, rope_pair, round_f16, silu
 from .kvquant import KV_GROUP, hadamard_groups, store_key_group, store_row
 from .lowlevel import spin_barrier
-from .quant_simd import dot_f32
 # Column layout of the int64 weight tables (one row per tensor): qdispatch's W_* columns.
-from .qdispatch import W_COLS, W_OFFSET, W_ROWS, W_TYPE, dequantize_rows_t, matmul_t, matvec_t  # noqa: F401
+from .qdispatch import W_COLS, W_OFFSET, W_ROWS, W_TYPE, dequantize_rows_t, matmul_float_t, matmul_t, matvec_t  # noqa: F401
 # Per-layer slots (order of models.base.LAYER_SLOTS, minus the two norms held as float32).
 S_Q, S_K, S_V, S_O, S_GATE, S_UP, S_DOWN = 0, 1, 2, 3, 4, 5, 6
 # Integer hyperparameters (icfg) -- see runtime/numba_backend.py, which fills them.
-C_DIM, C_LAYERS, C_HEADS, C_KV_HEADS, C_HEAD_DIM, C_HIDDEN, C_VOCAB, C_ROPE_DIM, C_NEOX, C_BIAS = range(10)
+(C_DIM, C_LAYERS, C_HEADS, C_KV_HEADS, C_HEAD_DIM, C_HIDDEN, C_VOCAB, C_ROPE_DIM, C_NEOX, C_BIAS,
+ C_FLOAT_ACT) = range(11)
 # The KV cache's description of one pass (kvcfg) -- see runtime/kv_cache.py, which fills it.
 K_KBITS, K_VBITS, K_SINKS, K_WINDOW, K_SLOTS, K_SINK_QUERIES, K_RESIDUAL, K_RECENT = range(8)
 
@@ -48,10 +50,13 @@ def _share(total, tid, nthr):
 
 
 @njit(nogil=True, cache=True)
-def _project(blob, wt, X, out, n, tid, nthr):
-    """out[:n, rows] = X[:n] @ W.T for this thread's rows of W (described by table row ``wt``)."""
+def _project(blob, wt, X, out, n, tid, nthr, float_act):
+    """out[:n, rows] = X[:n] @ W.T for this thread's rows of W (described by table row ``wt``);
+    ``float_act``: float32 activations (``matmul_float_t``) instead of llama.cpp's int8 ones."""
     r0, r1 = _share(wt[W_ROWS], tid, nthr)
-    if n == 1:
+    if float_act:
+        matmul_float_t(blob, wt, X[:n], out[:n], r0, r1)
+    elif n == 1:
         matvec_t(blob, wt, X[0], out[0], r0, r1)
     else:
         matmul_t(blob, wt, X[:n], out[:n], r0, r1)
@@ -60,35 +65,35 @@ def _project(blob, wt, X, out, n, tid, nthr):
 
 @njit(nogil=True, cache=True)
 def _rmsnorm_rows(x, weight, eps, out, i0, i1):
-    """out[i] = x[i] / rms(x[i]) * weight for rows i in [i0, i1)."""
+    """out[i] = x[i] / rms(x[i]) * weight for rows i in [i0, i1), rounded as ggml's RMS_NORM
+    then MUL: (x * scale) * weight."""
     d = x.shape[1]
     for i in range(i0, i1):
-        ss = dot_f32(x[i], x[i], d)
-        scale = np.float32(1.0) / np.sqrt(ss / d + eps)
+        scale = rmsnorm_scale(x[i], d, eps)
         for j in range(d):
             out[i, j] = x[i, j] * scale * weight[j]
 
 
 @njit(nogil=True, cache=True)
 def _rope(vec, base, cos, sin, rope_dim, neox):
-    """Rotate vec[base : base + rope_dim] in place (cos/sin: [rope_dim // 2] for this position).
-
-    Strict arithmetic (no fastmath): contracting ``a * cos - b * sin`` into an FMA is LLVM's
-    choice per compiled loop version, and a key must round the same whether its token is
-    evaluated alone or in a batch (speculative verification reproduces decoding bit for bit)."""
+    """Rotate vec[base : base + rope_dim] in place (cos/sin: [rope_dim // 2] for this position),
+    rounded as ggml's ``rotate_pairs`` (``ggml_math.rope_pair``)."""
     half = rope_dim // 2
     if neox:  # pairs (j, j + half)
         for j in range(half):
-            a = vec[base + j]
-            b = vec[base + j + half]
-            vec[base + j] = a * cos[j] - b * sin[j]
-            vec[base + j + half] = a * sin[j] + b * cos[j]
+            vec[base + j], vec[base + j + half] = rope_pair(vec[base + j], vec[base + j + half], cos[j], sin[j])
     else:  # adjacent pairs (2j, 2j + 1)
         for j in range(half):
-            a = vec[base + 2 * j]
-            b = vec[base + 2 * j + 1]
-            vec[base + 2 * j] = a * cos[j] - b * sin[j]
-            vec[base + 2 * j + 1] = a * sin[j] + b * cos[j]
+            vec[base + 2 * j], vec[base + 2 * j + 1] = rope_pair(vec[base + 2 * j], vec[base + 2 * j + 1],
+                                                                 cos[j], sin[j])
+
+
+@njit(nogil=True, inline="always", cache=True)
+def _round_query_f16(vec, base, hd):
+    """Round one head's query to float16 values: ggml's attention multiplies it with the F16
+    keys as an F16 vector (``mul_mat`` converts it to the keys' type)."""
+    for j in range(hd):
+        vec[base + j] = round_f16(vec[base + j])
 
 
 @njit(nogil=True, cache=True)
@@ -124,13 +129,14 @@ def forward_worker(tid, nthr, sync,
     tmp:    f32    [n, dim];    hb, hb2: f32 [n, hidden]
     scores: f32    [nthr, QUERY_BLOCK, n_ctx]  per-thread attention scratch
     gaq: f32 [nthr, QUERY_BLOCK, hd + 1]; gdm: f32 [nthr, 2, hd]; gdone: int32 [nthr, QUERY_BLOCK + 1];
-    vacc: f32 [nthr, QUERY_BLOCK, hd]      attention scratch (kernels/attention)
+    vacc: f32 [nthr, QUERY_BLOCK, (V_PARTS + 1) hd]  attention scratch (kernels/attention)
     logits: f32    [n - logits_from, vocab]  written for tokens logits_from .. n-1
     """
     n = tokens.shape[0]
     dim, n_layers = icfg[C_DIM], icfg[C_LAYERS]
     n_heads, n_kv, hd = icfg[C_HEADS], icfg[C_KV_HEADS], icfg[C_HEAD_DIM]
     rope_dim, neox, has_bias = icfg[C_ROPE_DIM], icfg[C_NEOX] != 0, icfg[C_BIAS] != 0
+    fa = icfg[C_FLOAT_ACT] != 0
     kbits, vbits, n_sink, window = kvcfg[K_KBITS], kvcfg[K_VBITS], kvcfg[K_SINKS], kvcfg[K_WINDOW]
     n_slots, sink_queries = kvcfg[K_SLOTS], kvcfg[K_SINK_QUERIES] != 0
     residual, n_recent = kvcfg[K_RESIDUAL], kvcfg[K_RECENT]
@@ -159,9 +165,9 @@ def forward_worker(tid, nthr, sync,
         # ---- attention ----
         _rmsnorm_rows(x, norms[layer, 0], eps, xb, t0, t1)
         spin_barrier(sync, nthr)
-        qr0, qr1 = _project(blob, wl[S_Q], xb, q, n, tid, nthr)
-        kr0, kr1 = _project(blob, wl[S_K], xb, k, n, tid, nthr)
-        vr0, vr1 = _project(blob, wl[S_V], xb, v, n, tid, nthr)
+        qr0, qr1 = _project(blob, wl[S_Q], xb, q, n, tid, nthr, fa)
+        kr0, kr1 = _project(blob, wl[S_K], xb, k, n, tid, nthr, fa)
+        vr0, vr1 = _project(blob, wl[S_V], xb, v, n, tid, nthr, fa)
         if has_bias:
             b = bias[layer]
             for i in range(n):
@@ -195,7 +201,9 @@ def forward_worker(tid, nthr, sync,
                 for j in range(hd):
                     qs[i, h * hd + j] = q[i, h * hd + j]
                 _rope(qs[i], h * hd, cos_s[i], sin_s[i], rope_dim, neox)
+                _round_query_f16(qs[i], h * hd, hd)
             _rope(q[i], h * hd, cos[i], sin[i], rope_dim, neox)
+            _round_query_f16(q[i], h * hd, hd)
         spin_barrier(sync, nthr)
         if completed > 0:  # quantize the key groups whose last token this pass wrote
             item = 0
@@ -222,7 +230,7 @@ def forward_worker(tid, nthr, sync,
                          vacc[tid])
         spin_barrier(sync, nthr)
 
-        r0, r1 = _project(blob, wl[S_O], att, tmp, n, tid, nthr)
+        r0, r1 = _project(blob, wl[S_O], att, tmp, n, tid, nthr, fa)
         for i in range(n):
             for r in range(r0, r1):
                 x[i, r] += tmp[i, r]
@@ -231,14 +239,13 @@ def forward_worker(tid, nthr, sync,
         # ---- MLP ----
         _rmsnorm_rows(x, norms[layer, 1], eps, xb, t0, t1)
         spin_barrier(sync, nthr)
-        r0, r1 = _project(blob, wl[S_GATE], xb, hb, n, tid, nthr)
-        _project(blob, wl[S_UP], xb, hb2, n, tid, nthr)
+        r0, r1 = _project(blob, wl[S_GATE], xb, hb, n, tid, nthr, fa)
+        _project(blob, wl[S_UP], xb, hb2, n, tid, nthr, fa)
         for i in range(n):
             for r in range(r0, r1):
-                g = hb[i, r]
-                hb[i, r] = g / (np.float32(1.0) + np.exp(-g)) * hb2[i, r]
+                hb[i, r] = silu(hb[i, r]) * hb2[i, r]  # ggml's SWIGLU
         spin_barrier(sync, nthr)
-        r0, r1 = _project(blob, wl[S_DOWN], hb, tmp, n, tid, nthr)
+        r0, r1 = _project(blob, wl[S_DOWN], hb, tmp, n, tid, nthr, fa)
         for i in range(n):
             for r in range(r0, r1):
                 x[i, r] += tmp[i, r]
@@ -250,5 +257,5 @@ def forward_worker(tid, nthr, sync,
         o0, o1 = _share(n_out, tid, nthr)
         _rmsnorm_rows(x[logits_from:], out_norm, eps, xb, o0, o1)
         spin_barrier(sync, nthr)
-        _project(blob, gtab[1], xb, logits, n_out, tid, nthr)
+        _project(blob, gtab[1], xb, logits, n_out, tid, nthr, fa)
     spin_barrier(sync, nthr)

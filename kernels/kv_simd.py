@@ -15,8 +15,10 @@ from __future__ import annotations
 from numba import njit, types
 from numba.extending import intrinsic
 
+import numpy as np
+
 from .quant_simd import (_I8, _I32, _V8F, _bytes_as, _splat_const, _vec, f32x8, load_f16, sfma, sload, sstore,
-                         vfma, vhsum, vload, vload_f16, vsplat, vstore, vzero)
+                         vadd, vfma, vhsum, vhsum_hadd, vload, vload_f16, vsplat, vstore, vzero)
 from .kvquant import KV_GROUP, Q4_GROUP_BYTES, Q8_GROUP_BYTES
 
 
@@ -67,6 +69,45 @@ def dot_f16(a, ao, h, ho, n):
     for j in range(n8, n):
         s = sfma(sload(a, ao + j), load_f16(h, ho + 2 * j), s)
     return s
+
+
+@njit(nogil=True, inline="always", cache=True)
+def dot_f16_ggml(a, ao, h, ho, n):
+    """sum_j a[ao + j] * half(h, ho + 2 j) for j < n in the order of ggml's ``ggml_vec_dot_f16``
+    (AVX2): element j goes to lane j % 8 of accumulator (j // 8) % 4, the four are reduced as
+    (0 + 2) + (1 + 3) and the lanes by ``vhsum_hadd``; the n % 32 tail is summed in float64.
+    ``a`` holds float16 values (ggml converts the query to F16 before this product)."""
+    n32 = n - n % 32
+    c0, c1, c2, c3 = vzero(), vzero(), vzero(), vzero()
+    for j in range(0, n32, 32):
+        c0 = vfma(vload(a, ao + j), vload_f16(h, ho + 2 * j), c0)
+        c1 = vfma(vload(a, ao + j + 8), vload_f16(h, ho + 2 * j + 16), c1)
+        c2 = vfma(vload(a, ao + j + 16), vload_f16(h, ho + 2 * j + 32), c2)
+        c3 = vfma(vload(a, ao + j + 24), vload_f16(h, ho + 2 * j + 48), c3)
+    s = np.float64(vhsum_hadd(vadd(vadd(c0, c2), vadd(c1, c3))))
+    for j in range(n32, n):
+        s += np.float64(sload(a, ao + j) * load_f16(h, ho + 2 * j))
+    return np.float32(s)
+
+
+@njit(nogil=True, inline="always", cache=True)
+def _value_lane(parts, o, n, lane):
+    """Lane ``lane`` of the reduced accumulator, 8 value dimensions at once:
+    (acc0 + acc2) + (acc1 + acc3), acc_k being part 8 k + lane."""
+    o += lane * n
+    return vadd(vadd(vload(parts, o), vload(parts, o + 16 * n)), vadd(vload(parts, o + 8 * n), vload(parts, o + 24 * n)))
+
+
+@njit(nogil=True, inline="always", cache=True)
+def reduce_value_parts(parts, po, y, yo, n):
+    """y[yo + j] = the sum over p < 32 of parts[po + p n + j], for j < n (n % 8 == 0), in the
+    order ``dot_f16_ggml`` reduces: part p plays lane p % 8 of accumulator p // 8."""
+    for j in range(0, n, 8):
+        t0 = vadd(_value_lane(parts, po + j, n, 0), _value_lane(parts, po + j, n, 4))
+        t1 = vadd(_value_lane(parts, po + j, n, 1), _value_lane(parts, po + j, n, 5))
+        t2 = vadd(_value_lane(parts, po + j, n, 2), _value_lane(parts, po + j, n, 6))
+        t3 = vadd(_value_lane(parts, po + j, n, 3), _value_lane(parts, po + j, n, 7))
+        vstore(vadd(vadd(t0, t1), vadd(t2, t3)), y, yo + j)
 
 
 @njit(nogil=True, inline="always", cache=True)

@@ -59,6 +59,11 @@ from .quant_k import (
     matvec_q6_k,
 )
 from .quant_legacy import (
+    matmul_float_q4_0,
+    matmul_float_q4_1,
+    matmul_float_q5_0,
+    matmul_float_q5_1,
+    matmul_float_q8_0,
     dequantize_rows_q4_0,
     dequantize_rows_q4_1,
     dequantize_rows_q5_0,
@@ -172,6 +177,25 @@ def matmul(w: np.ndarray, gtype: int, cols: int, X: np.ndarray, out: np.ndarray,
 
 
 @njit(nogil=True, cache=True)
+def matmul_float(w: np.ndarray, gtype: int, cols: int, X: np.ndarray, out: np.ndarray, r0: int, r1: int) -> None:
+    """``matmul`` with float32 activations for every number of tokens: the legacy block formats
+    take their float tile path instead of the int8 one (exact weights, float32 sums); the other
+    types are ``matmul``'s (K-quants below 16 tokens and affine below 9 keep int8 activations)."""
+    if gtype == Q4_1:
+        matmul_float_q4_1(w, cols, X, out, r0, r1)
+    elif gtype == Q4_0:
+        matmul_float_q4_0(w, cols, X, out, r0, r1)
+    elif gtype == Q8_0:
+        matmul_float_q8_0(w, cols, X, out, r0, r1)
+    elif gtype == Q5_0:
+        matmul_float_q5_0(w, cols, X, out, r0, r1)
+    elif gtype == Q5_1:
+        matmul_float_q5_1(w, cols, X, out, r0, r1)
+    else:
+        matmul(w, gtype, cols, X, out, r0, r1)
+
+
+@njit(nogil=True, cache=True)
 def dequantize_rows(w: np.ndarray, gtype: int, cols: int, r0: int, r1: int, out: np.ndarray) -> None:
     """out[r - r0] = W[r] as float32 for r in [r0, r1) (type ``gtype``)."""
     if gtype == Q4_1:
@@ -242,6 +266,16 @@ def matmul_t(blob: np.ndarray, wt: np.ndarray, X: np.ndarray, out: np.ndarray, r
         matmul_affine3(w, s, b, cols, wt[W_GROUP], X, out, r0, r1)
     else:
         matmul(blob[wt[W_OFFSET]: wt[W_OFFSET] + wt[W_NBYTES]], gtype, cols, X, out, r0, r1)
+
+
+@njit(nogil=True, cache=True)
+def matmul_float_t(blob: np.ndarray, wt: np.ndarray, X: np.ndarray, out: np.ndarray, r0: int, r1: int) -> None:
+    """``matmul_t`` with float32 activations where a type has that path (``matmul_float``)."""
+    gtype = wt[W_TYPE]
+    if gtype == AFFINE_Q4 or gtype == AFFINE_Q3:
+        matmul_t(blob, wt, X, out, r0, r1)
+    else:
+        matmul_float(blob[wt[W_OFFSET]: wt[W_OFFSET] + wt[W_NBYTES]], gtype, wt[W_COLS], X, out, r0, r1)
 
 
 @njit(nogil=True, cache=True)

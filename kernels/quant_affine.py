@@ -134,7 +134,7 @@ def quantize_activations_affine(X, n, cols, gs, xq, dx, xg):
             for k in range(bpg):
                 b = g * bpg + k
                 i = t * cols + b * QK
-                d, qsum = quantize_block_q8(X, i, xq, i)
+                d, qsum, _ = quantize_block_q8(X, i, xq, i)
                 dx[t * nb + b] = d
                 acc = sfma(d, qsum, acc)  # explicit: whether `acc + d * qsum` fuses must not vary
             xg[t * ng + g] = acc

@@ -10,18 +10,21 @@ A block format is described to the drivers by inline njit functions:
 
 plus a ``dot``: :func:`dot_unsigned` for unsigned quants, :func:`dot_signed` for Q8_0.
 
-Numerics. Products with few activation vectors (``matvec_blocks``; ``matmul_blocks`` up to
-``INT8_MAX_TOKENS`` tokens) follow llama.cpp: activations are quantized to int8 per 32-block
-(``quantize_block_q8``, bit-identical to ``quantize_row_q8_0``), each block's dot product is
-exact integer arithmetic, and sum_b (d_w,b * d_x,b) * isum_b + m_b * (d_x,b * sum(xq_b)) is
-accumulated in float32. That runs ~2x faster than decoding the weights to float, at the cost of
-the activation rounding: |error| <= sum_k |W_k| * 0.6 d_x,b(k). Each (row, token) sum is
-formed by the same inlined function (``_rows2_tok1``, with the same pairing of rows), so a small
-batched product equals the per-token matvecs bit for bit: speculative verification sees exactly
-the logits of one-token decoding (tests/test_speculative.py checks it on every weight type).
+Numerics. Products of the block formats (``matvec_blocks``, ``matmul_blocks`` for any number
+of tokens) follow llama.cpp bit for bit: activations are quantized to int8 per 32-block
+(``quantize_block_q8``, bit-identical to ``quantize_row_q8_0/1``), each block's dot product is
+exact integer arithmetic in 8 lanes of 4 products, and sum_b (d_w,b * d_x,b) * isum_b is
+accumulated by lane FMAs and summed as ``hsum_float_8``, plus sum_b m_b * s_b by scalar FMAs
+(Q4_1/Q5_1; s_b is Q8_1's float16 block sum) -- ``ggml_vec_dot_q4_1_q8_1`` and friends. The
+cost is the activation rounding, |error| <= sum_k |W_k| * 0.6 d_x,b(k), the same as llama.cpp's.
+Each (row, token) sum runs the same operations in the same order however many tokens a call
+evaluates (``_rows2_tok1``, ``_rows2_tok4``), so prompt evaluation, speculative verification and
+one-token decoding agree bit for bit (tests/test_kernels_legacy.py, tests/test_speculative.py)
+-- and with llama.cpp, which evaluates prompts of these formats with the same per-token dot
+product (tests/test_vs_llamacpp.py).
 
-Prefill-sized batches decode a tile of rows to float32 once and run a register-blocked FMA
-kernel (``MR`` rows x ``NT`` tokens) over it: exact weights, float32 accumulation.
+The float formats (F32/F16/BF16, and the K-quant and affine prefill paths) decode a tile of rows
+to float32 once and run a register-blocked FMA kernel (``MR`` rows x ``NT`` tokens) over it.
 
 Compilation notes:
 
@@ -54,7 +57,7 @@ from .quant_simd import (
 )
 
 QK = 32  # weights per block
-INT8_MAX_TOKENS = 8  # larger batches take the float tile path (crossover measured by microbench)
+INT8_MAX_TOKENS = 8  # affine formats: larger batches take the float tile path (crossover measured)
 MR = 3  # rows per register block of the float kernel
 NT = 4  # tokens per register block: MR * NT = 12 accumulators + 3 weight + 1 activation ymm
 PREFETCH_BYTES = 2048  # software prefetch distance in a weight row: decode streams weights from DRAM
@@ -89,14 +92,15 @@ def _check_blocks(cols):
 @njit(nogil=True, cache=True)
 def quantize_activations(X, n, cols, xq, dx, xs):
     """Quantize ``n`` rows of ``cols`` floats (flat-indexed ``X``) to int8 ``xq`` (n * cols)
-    with per-block scales ``dx`` and ``xs = dx * sum(block quants)`` (n * cols / 32 each)."""
+    with per-block scales ``dx`` and sums ``xs`` (n * cols / 32 each), as llama.cpp's
+    ``quantize_row_q8_1``: xs = float16(d * sum(block quants)), d before its float16 rounding."""
     nb = cols // QK
     for t in range(n):
         for b in range(nb):
             i = t * cols + b * QK
-            d, qsum = quantize_block_q8(X, i, xq, i)
+            d, _, s = quantize_block_q8(X, i, xq, i)
             dx[t * nb + b] = d
-            xs[t * nb + b] = d * qsum
+            xs[t * nb + b] = s
 
 
 @njit(nogil=True, inline="always", cache=True)
@@ -118,6 +122,44 @@ def _rows2_tok1(block, dot, bpb, w, o0, o1, nb, xq, q0, dx, xs, s0):
         bias0 = sfma(ma, xs[s0 + b], bias0)
         bias1 = sfma(mb, xs[s0 + b], bias1)
     return vhsum(acc0) + bias0, vhsum(acc1) + bias1
+
+
+@njit(nogil=True, inline="always", cache=True)
+def _rows2_tok4(block, dot, bpb, w, o0, o1, nb, xq, cols, dx, xs, t0, t1, t2, t3):
+    """``_rows2_tok1`` for four tokens at once (t0..t3, repeats allowed): each block of the two
+    rows is decoded once for all four, and every (row, token) sum runs the same operations in
+    the same order as ``_rows2_tok1`` -- the results are identical to one-token decoding, bit
+    for bit (the int8 dot is exact and every float step is an explicit FMA or product)."""
+    a00, a01, a02, a03 = vzero(), vzero(), vzero(), vzero()
+    a10, a11, a12, a13 = vzero(), vzero(), vzero(), vzero()
+    z = np.float32(0.0)
+    b00, b01, b02, b03, b10, b11, b12, b13 = z, z, z, z, z, z, z, z
+    sb0, sb1, sb2, sb3 = t0 * nb, t1 * nb, t2 * nb, t3 * nb
+    for b in range(nb):
+        qa, da, ma = block(w, o0 + b * bpb)
+        qb, db, mb = block(w, o1 + b * bpb)
+        y = load_i8x32(xq, t0 * cols + b * QK)
+        a00 = vfma(dot(qa, y), vsplat(da * dx[sb0 + b]), a00)
+        a10 = vfma(dot(qb, y), vsplat(db * dx[sb0 + b]), a10)
+        b00 = sfma(ma, xs[sb0 + b], b00)
+        b10 = sfma(mb, xs[sb0 + b], b10)
+        y = load_i8x32(xq, t1 * cols + b * QK)
+        a01 = vfma(dot(qa, y), vsplat(da * dx[sb1 + b]), a01)
+        a11 = vfma(dot(qb, y), vsplat(db * dx[sb1 + b]), a11)
+        b01 = sfma(ma, xs[sb1 + b], b01)
+        b11 = sfma(mb, xs[sb1 + b], b11)
+        y = load_i8x32(xq, t2 * cols + b * QK)
+        a02 = vfma(dot(qa, y), vsplat(da * dx[sb2 + b]), a02)
+        a12 = vfma(dot(qb, y), vsplat(db * dx[sb2 + b]), a12)
+        b02 = sfma(ma, xs[sb2 + b], b02)
+        b12 = sfma(mb, xs[sb2 + b], b12)
+        y = load_i8x32(xq, t3 * cols + b * QK)
+        a03 = vfma(dot(qa, y), vsplat(da * dx[sb3 + b]), a03)
+        a13 = vfma(dot(qb, y), vsplat(db * dx[sb3 + b]), a13)
+        b03 = sfma(ma, xs[sb3 + b], b03)
+        b13 = sfma(mb, xs[sb3 + b], b13)
+    return (vhsum(a00) + b00, vhsum(a01) + b01, vhsum(a02) + b02, vhsum(a03) + b03,
+            vhsum(a10) + b10, vhsum(a11) + b11, vhsum(a12) + b12, vhsum(a13) + b13)
 
 
 @njit(nogil=True, inline="always", cache=True)
@@ -152,27 +194,27 @@ def _matmul_int8(block, dot, bpb, w, cols, X, out, r0, r1):
     xs = np.empty(n * nb, np.float32)
     quantize_activations(X, n, cols, xq, dx, xs)
     rb = nb * bpb
-    # Each (row pair, token) goes through matvec's own ``_rows2_tok1`` with matvec's pairing of
-    # rows: the same instructions in the same order, so every token's result equals its matvec
-    # bit for bit -- speculative verification reproduces one-token decoding exactly. (A 4-token
-    # kernel sharing the block decoding was ~1.1x faster, but LLVM contracted its float
-    # operations differently, so its sums differed from matvec's in the last bit.) The two rows
-    # stay in L1 across the tokens: the weights are read from memory once.
+    # Each (row pair, token) sum is formed exactly as matvec's ``_rows2_tok1`` forms it, with
+    # matvec's pairing of rows (``_rows2_tok4`` shares the block decoding between four tokens),
+    # so every token's result equals its matvec bit for bit: batched prompt evaluation and
+    # speculative verification reproduce one-token decoding exactly (and llama.cpp's, whose
+    # prompt evaluation of these formats is the same per-token dot product). The two rows stay
+    # in L1 across the tokens: the weights are read from memory once.
     for r in range(r0, r1, 2):
         r2 = min(r + 1, r1 - 1)
-        for t in range(n):
-            out[t, r], out[t, r2] = _rows2_tok1(block, dot, bpb, w, r * rb, r2 * rb, nb, xq, t * cols, dx, xs,
-                                                t * nb)
+        for t in range(0, n, 4):
+            t1, t2, t3 = min(t + 1, n - 1), min(t + 2, n - 1), min(t + 3, n - 1)
+            (out[t, r], out[t1, r], out[t2, r], out[t3, r],
+             out[t, r2], out[t1, r2], out[t2, r2], out[t3, r2]) = _rows2_tok4(
+                block, dot, bpb, w, r * rb, r2 * rb, nb, xq, cols, dx, xs, t, t1, t2, t3)
 
 
 @njit(nogil=True, inline="always", cache=True)
-def matmul_blocks(block, decode_row, dot, bpb, w, cols, X, out, r0, r1):
-    """out[t, r] = W[r] . X[t] for all tokens t and r in [r0, r1) (block formats)."""
+def matmul_blocks(block, dot, bpb, w, cols, X, out, r0, r1):
+    """out[t, r] = W[r] . X[t] for all tokens t and r in [r0, r1) (block formats), each equal to
+    the token's own matvec bit for bit."""
     _check_blocks(cols)
-    if X.shape[0] <= INT8_MAX_TOKENS:
-        _matmul_int8(block, dot, bpb, w, cols, X, out, r0, r1)
-    else:
-        gemm_tiles(decode_row, (cols // QK) * bpb, w, cols, X, out, r0, r1)
+    _matmul_int8(block, dot, bpb, w, cols, X, out, r0, r1)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -97,9 +97,11 @@ load_u64.__doc__ = "The little-endian uint64 at byte ``off`` of a uint8 array."
 load_f16.__doc__ = "The little-endian IEEE half at byte ``off`` of a uint8 array, as float32."
 
 
-# Weight bytes arrive as a read-only view of the memory-mapped model or as a writable array
-# (tests): declared signatures list both, or numba would reject the one not listed.
-U8_ARRAYS = (types.Array(types.uint8, 1, "C", readonly=True), types.Array(types.uint8, 1, "C"))
+# Weight bytes are a read-only view of the memory-mapped model: the declared signatures (these
+# kernels are passed as first-class functions, so they are compiled eagerly, at import) list only
+# that type -- each listed type costs ~35 ms of every launch to load from numba's cache. A
+# writable array (tests) converts to it: numba's mutable -> read-only array conversion is safe.
+U8_ARRAYS = (types.Array(types.uint8, 1, "C", readonly=True),)
 
 
 @njit([types.uint32(u8, types.int64, types.int64) for u8 in U8_ARRAYS], nogil=True, cache=True)

@@ -10,12 +10,12 @@ Block layouts (ggml-common.h; every scale is a little-endian IEEE half):
 
 where byte j of ``qs`` holds q_j in its low nibble and q_{16+j} in its high nibble, and bit j of
 the little-endian uint32 ``qh`` is bit 4 of q_j. Each format is one ``_block_*`` decoder
-returning (q, d, m) with w = d * q + m; the row-range drivers in ``quant_drivers`` do the rest.
+returning (q, d, m) with w = d * q + m (Q4_0/Q5_0 as signed q - 8 / q - 16 with m = 0, the
+integers llama.cpp's dot products use); the row-range drivers in ``quant_drivers`` do the rest.
 
-Numerics (details in ``quant_drivers``): matvec and batches of up to ``INT8_MAX_TOKENS`` tokens
-quantize the activations to int8 per 32-block exactly like llama.cpp's ``quantize_row_q8_0``
-and use integer block dot products (2x faster); larger batches (prefill) decode the weights to
-float32 and accumulate in float32.
+Numerics (details in ``quant_drivers``): every product quantizes the activations to int8 per
+32-block like llama.cpp's ``quantize_row_q8_0/1`` and sums integer block dot products in
+llama.cpp's order, so the results equal llama.cpp's ``ggml_vec_dot_*`` bit for bit.
 
 For each type ``t`` (the kernel contract, rows [r0, r1) of a C-contiguous uint8 ``w``)::
 
@@ -37,10 +37,11 @@ from .quant_drivers import (
     dequantize_with,
     dot_signed,
     dot_unsigned,
+    gemm_tiles,
     matmul_blocks,
     matvec_blocks,
 )
-from .quant_simd import load_f16, load_i8x32, nibbles, nibbles_hbit
+from .quant_simd import load_f16, load_i8x32, nibbles, nibbles_hbit, sub_i8
 
 QK = 32
 Q4_0_BYTES, Q4_1_BYTES, Q5_0_BYTES, Q5_1_BYTES, Q8_0_BYTES = 18, 20, 22, 24, 34
@@ -52,8 +53,8 @@ Q4_0_BYTES, Q4_1_BYTES, Q5_0_BYTES, Q5_1_BYTES, Q8_0_BYTES = 18, 20, 22, 24, 34
 
 @njit(nogil=True, inline="always", cache=True)
 def _block_q4_0(w, o):
-    d = load_f16(w, o)
-    return nibbles(w, o + 2), d, np.float32(-8.0) * d
+    # signed q - 8 (no m term), as llama.cpp's vec_dot_q4_0_q8_0 forms its integer sums
+    return sub_i8(nibbles(w, o + 2), 8), load_f16(w, o), np.float32(0.0)
 
 
 @njit(nogil=True, inline="always", cache=True)
@@ -63,8 +64,7 @@ def _block_q4_1(w, o):
 
 @njit(nogil=True, inline="always", cache=True)
 def _block_q5_0(w, o):
-    d = load_f16(w, o)
-    return nibbles_hbit(w, o + 6, o + 2), d, np.float32(-16.0) * d
+    return sub_i8(nibbles_hbit(w, o + 6, o + 2), 16), load_f16(w, o), np.float32(0.0)
 
 
 @njit(nogil=True, inline="always", cache=True)
@@ -112,13 +112,13 @@ def _row_q8_0(w, o, cols, dst, d0):
 @njit(nogil=True, cache=True)
 def matvec_q4_0(w: np.ndarray, cols: int, x: np.ndarray, out: np.ndarray, r0: int, r1: int) -> None:
     """out[r] = W[r] . x for r in [r0, r1) (Q4_0 rows of ``cols`` weights)."""
-    matvec_blocks(_block_q4_0, dot_unsigned, Q4_0_BYTES, w, cols, x, out, r0, r1)
+    matvec_blocks(_block_q4_0, dot_signed, Q4_0_BYTES, w, cols, x, out, r0, r1)
 
 
 @njit(nogil=True, cache=True)
 def matmul_q4_0(w: np.ndarray, cols: int, X: np.ndarray, out: np.ndarray, r0: int, r1: int) -> None:
     """out[i, r] = W[r] . X[i] for every token i and r in [r0, r1) (Q4_0)."""
-    matmul_blocks(_block_q4_0, _row_q4_0, dot_unsigned, Q4_0_BYTES, w, cols, X, out, r0, r1)
+    matmul_blocks(_block_q4_0, dot_signed, Q4_0_BYTES, w, cols, X, out, r0, r1)
 
 
 @njit(nogil=True, cache=True)
@@ -136,7 +136,7 @@ def matvec_q4_1(w: np.ndarray, cols: int, x: np.ndarray, out: np.ndarray, r0: in
 @njit(nogil=True, cache=True)
 def matmul_q4_1(w: np.ndarray, cols: int, X: np.ndarray, out: np.ndarray, r0: int, r1: int) -> None:
     """out[i, r] = W[r] . X[i] for every token i and r in [r0, r1) (Q4_1)."""
-    matmul_blocks(_block_q4_1, _row_q4_1, dot_unsigned, Q4_1_BYTES, w, cols, X, out, r0, r1)
+    matmul_blocks(_block_q4_1, dot_unsigned, Q4_1_BYTES, w, cols, X, out, r0, r1)
 
 
 @njit(nogil=True, cache=True)
@@ -148,13 +148,13 @@ def dequantize_rows_q4_1(w: np.ndarray, cols: int, r0: int, r1: int, out: np.nda
 @njit(nogil=True, cache=True)
 def matvec_q5_0(w: np.ndarray, cols: int, x: np.ndarray, out: np.ndarray, r0: int, r1: int) -> None:
     """out[r] = W[r] . x for r in [r0, r1) (Q5_0 rows of ``cols`` weights)."""
-    matvec_blocks(_block_q5_0, dot_unsigned, Q5_0_BYTES, w, cols, x, out, r0, r1)
+    matvec_blocks(_block_q5_0, dot_signed, Q5_0_BYTES, w, cols, x, out, r0, r1)
 
 
 @njit(nogil=True, cache=True)
 def matmul_q5_0(w: np.ndarray, cols: int, X: np.ndarray, out: np.ndarray, r0: int, r1: int) -> None:
     """out[i, r] = W[r] . X[i] for every token i and r in [r0, r1) (Q5_0)."""
-    matmul_blocks(_block_q5_0, _row_q5_0, dot_unsigned, Q5_0_BYTES, w, cols, X, out, r0, r1)
+    matmul_blocks(_block_q5_0, dot_signed, Q5_0_BYTES, w, cols, X, out, r0, r1)
 
 
 @njit(nogil=True, cache=True)
@@ -172,7 +172,7 @@ def matvec_q5_1(w: np.ndarray, cols: int, x: np.ndarray, out: np.ndarray, r0: in
 @njit(nogil=True, cache=True)
 def matmul_q5_1(w: np.ndarray, cols: int, X: np.ndarray, out: np.ndarray, r0: int, r1: int) -> None:
     """out[i, r] = W[r] . X[i] for every token i and r in [r0, r1) (Q5_1)."""
-    matmul_blocks(_block_q5_1, _row_q5_1, dot_unsigned, Q5_1_BYTES, w, cols, X, out, r0, r1)
+    matmul_blocks(_block_q5_1, dot_unsigned, Q5_1_BYTES, w, cols, X, out, r0, r1)
 
 
 @njit(nogil=True, cache=True)
@@ -190,10 +190,43 @@ def matvec_q8_0(w: np.ndarray, cols: int, x: np.ndarray, out: np.ndarray, r0: in
 @njit(nogil=True, cache=True)
 def matmul_q8_0(w: np.ndarray, cols: int, X: np.ndarray, out: np.ndarray, r0: int, r1: int) -> None:
     """out[i, r] = W[r] . X[i] for every token i and r in [r0, r1) (Q8_0)."""
-    matmul_blocks(_block_q8_0, _row_q8_0, dot_signed, Q8_0_BYTES, w, cols, X, out, r0, r1)
+    matmul_blocks(_block_q8_0, dot_signed, Q8_0_BYTES, w, cols, X, out, r0, r1)
 
 
 @njit(nogil=True, cache=True)
 def dequantize_rows_q8_0(w: np.ndarray, cols: int, r0: int, r1: int, out: np.ndarray) -> None:
     """out[r - r0] = W[r] as float32 for r in [r0, r1) (Q8_0)."""
     dequantize_with(_row_q8_0, (cols // QK) * Q8_0_BYTES, w, cols, r0, r1, out)
+
+
+# float32-activation products (NumbaBackend(activations="float32")): exact weights, float32 sums
+
+
+@njit(nogil=True, cache=True)
+def matmul_float_q4_0(w: np.ndarray, cols: int, X: np.ndarray, out: np.ndarray, r0: int, r1: int) -> None:
+    """out[i, r] = W[r] . X[i] with float32 activations (Q4_0 rows decoded in tiles)."""
+    gemm_tiles(_row_q4_0, (cols // QK) * Q4_0_BYTES, w, cols, X, out, r0, r1)
+
+
+@njit(nogil=True, cache=True)
+def matmul_float_q4_1(w: np.ndarray, cols: int, X: np.ndarray, out: np.ndarray, r0: int, r1: int) -> None:
+    """out[i, r] = W[r] . X[i] with float32 activations (Q4_1)."""
+    gemm_tiles(_row_q4_1, (cols // QK) * Q4_1_BYTES, w, cols, X, out, r0, r1)
+
+
+@njit(nogil=True, cache=True)
+def matmul_float_q5_0(w: np.ndarray, cols: int, X: np.ndarray, out: np.ndarray, r0: int, r1: int) -> None:
+    """out[i, r] = W[r] . X[i] with float32 activations (Q5_0)."""
+    gemm_tiles(_row_q5_0, (cols // QK) * Q5_0_BYTES, w, cols, X, out, r0, r1)
+
+
+@njit(nogil=True, cache=True)
+def matmul_float_q5_1(w: np.ndarray, cols: int, X: np.ndarray, out: np.ndarray, r0: int, r1: int) -> None:
+    """out[i, r] = W[r] . X[i] with float32 activations (Q5_1)."""
+    gemm_tiles(_row_q5_1, (cols // QK) * Q5_1_BYTES, w, cols, X, out, r0, r1)
+
+
+@njit(nogil=True, cache=True)
+def matmul_float_q8_0(w: np.ndarray, cols: int, X: np.ndarray, out: np.ndarray, r0: int, r1: int) -> None:
+    """out[i, r] = W[r] . X[i] with float32 activations (Q8_0)."""
+    gemm_tiles(_row_q8_0, (cols // QK) * Q8_0_BYTES, w, cols, X, out, r0, r1)

@@ -179,6 +179,26 @@ def vhsum(typingctx, a):
 
 
 @intrinsic
+def vhsum_hadd(typingctx, a):
+    """Sum of the 8 lanes in the order of ggml's ``GGML_F32x8_REDUCE`` tail: t_l = a_l + a_{l+4},
+    then two ``hadd``s, (t_0 + t_1) + (t_2 + t_3)."""
+    def codegen(context, builder, sig, args):
+        v = args[0]
+        t = builder.fadd(builder.shuffle_vector(v, v, _lanes([0, 1, 2, 3])),
+                         builder.shuffle_vector(v, v, _lanes([4, 5, 6, 7])))
+        e = [builder.extract_element(t, ir.Constant(_I32, k)) for k in range(4)]
+        return builder.fadd(builder.fadd(e[0], e[1]), builder.fadd(e[2], e[3]))
+
+    return types.float32(f32x8), codegen
+
+
+@intrinsic
+def vadd(typingctx, a, b):
+    """a + b, lane-wise."""
+    return f32x8(f32x8, f32x8), lambda context, builder, sig, args: builder.fadd(args[0], args[1])
+
+
+@intrinsic
 def vmax(typingctx, a, b):
     """Lane-wise maximum (llvm.maxnum: exact, so any order of maxima gives the same result)."""
     def codegen(context, builder, sig, args):
@@ -372,6 +392,16 @@ def nibbles_hbit(typingctx, b, qs_off, qh_off):
 
 
 @intrinsic
+def sub_i8(typingctx, q, c):
+    """q - c in each of the 32 int8 lanes (``c`` an integer: Q4_0/Q5_0's offset 8/16)."""
+    def codegen(context, builder, sig, args):
+        c8 = builder.trunc(args[1], _I8)
+        return builder.sub(args[0], _splat(builder, c8, 32))
+
+    return i8x32(i8x32, types.intp), codegen
+
+
+@intrinsic
 def dot_u8s8(typingctx, q, y):
     """Partial dot products of unsigned quants ``q`` (< 128) and signed ``y``: lane l is the
     float32 sum of q[j] * y[j] over j = 4l .. 4l+3 (exact integer arithmetic)."""
@@ -416,7 +446,8 @@ def vstore_dequant(typingctx, q, d, m, out, i):
 def quantize_block_q8(typingctx, x, i, xq, j):
     """llama.cpp's activation quantization of one 32-block (``quantize_row_q8_0/1``):
     d = amax / 127, xq[j:j+32] = round-half-even(x[i:i+32] * 127 / amax) (0 if amax == 0).
-    Returns (d rounded to float16 as the dot products use it, sum of the 32 quants)."""
+    Returns (d rounded to float16 as the dot products use it, the sum of the 32 quants, and
+    Q8_1's ``s``: float16(d * sum) with the *unrounded* d, as ``quantize_row_q8_1`` stores it)."""
     def codegen(context, builder, sig, args):
         x, i, xq, j = args
         v32f = _vec(_F32, 32)
@@ -430,9 +461,10 @@ def quantize_block_q8(typingctx, x, i, xq, j):
         d = builder.fdiv(amax, ir.Constant(_F32, 127.0))
         d16 = builder.fpext(builder.fptrunc(d, ir.HalfType()), _F32)
         qsum = builder.sitofp(_call(builder, "llvm.vector.reduce.add.v32i32", _I32, [qi]), _F32)
-        return context.make_tuple(builder, sig.return_type, [d16, qsum])
+        s16 = builder.fpext(builder.fptrunc(builder.fmul(d, qsum), ir.HalfType()), _F32)
+        return context.make_tuple(builder, sig.return_type, [d16, qsum, s16])
 
-    return types.UniTuple(types.float32, 2)(x, types.intp, xq, types.intp), codegen
+    return types.UniTuple(types.float32, 3)(x, types.intp, xq, types.intp), codegen
 
 
 # ---------------------------------------------------------------------------------------------

@@ -338,8 +338,10 @@ def test_default_model_affine(bits, affine_gguf, default_gguf, eval_text):
     scale = np.abs(want).max()
     print(f"INT{bits} vs float64 reference, {len(ids)} tokens: max |dlogit| {np.abs(got - want).max():.4f} "
           f"(float tiles), {np.abs(stepwise - want).max():.4f} (int8 matvec); logit scale {scale:.1f}")
-    assert np.abs(got - want).max() < 1e-3 * scale
-    assert (got.argmax(-1) == want.argmax(-1)).all()
+    # The affine layers are exact to float32 rounding; the output head (the tied Q8_0 token
+    # embedding) rounds its activations to 8 bits like llama.cpp, a few tenths of a logit.
+    assert np.abs(got - want).max() < 0.03 * scale
+    assert np.mean(got.argmax(-1) == want.argmax(-1)) >= 0.9
     # int8 activations (decode): ~1 logit on this model, as for its Q4_1 original (measured 1.05
     # on the same prompt): activation outliers make the per-32 rounding coarse.
     assert np.abs(stepwise - want).max() < 0.07 * scale

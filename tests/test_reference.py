@@ -1,6 +1,7 @@
-"""edgelm against exact float64 arithmetic on the default model (the oracle behind the README's
-accuracy statement: llama.cpp's 8-bit activation rounding, not edgelm, is what keeps the two
-engines' top-1 agreement near 97%)."""
+"""edgelm against exact float64 arithmetic on the default model: an oracle independent of
+llama.cpp for the forward pass. Both engines round activations to 8 bits inside quantized dot
+products (edgelm exactly as llama.cpp does, tests/test_vs_llamacpp.py), which keeps either at
+~97% top-1 and ~0.17 mean |dlogit| from the exact result on this small model."""
 from __future__ import annotations
 
 import numpy as np
@@ -21,14 +22,14 @@ def reference(default_gguf, eval_text):
     model.close()
 
 
-def test_prefill_matches_float64_reference(reference):
+def test_prefill_stays_near_float64_reference(reference):
     model, ids, exact = reference
     got = model.logits(ids)
     agree = float((got.argmax(-1) == exact.argmax(-1)).mean())
     err = np.abs(got - exact)
     print(f"prefill vs float64: top-1 {agree:.4f}, mean |dlogit| {err.mean():.4f}, max {err.max():.4f}")
-    assert agree >= 0.99
-    assert err.mean() < 0.01
+    assert agree >= 0.95
+    assert err.mean() < 0.25
 
 
 def test_decode_stays_near_float64_reference(reference, llama_cpp, default_gguf):

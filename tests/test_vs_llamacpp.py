@@ -1,16 +1,25 @@
 """edgelm against llama.cpp on the same GGUF files: logits, greedy text, perplexity.
 
-Both engines round activations to 8 bits inside quantized dot products (edgelm only for
-batches of <= 8 tokens), so tiny upstream differences round differently and near-ties flip.
-llama.cpp is not consistent with *itself* beyond that noise: its own logits for the same 600
-wikitext tokens evaluated with n_batch=512 and with n_batch=1 agree on the top-1 token at only
-97% of positions (max |dlogit| 1.5; measured on the Q8_0 file). The thresholds below sit at
-that noise floor, not at the 99% the runtime issue asked for (see the README).
+For the legacy block formats (the default Q4_1 file, and Q8_0) edgelm computes what llama.cpp's
+CPU backend (AVX2 build) computes when it evaluates one token at a time -- its decoding path,
+the one that writes every generated token -- bit for bit: the same int8 activation rounding and
+integer dot products, the same float16 attention products, softmax and SiLU polynomial, RMSNorm
+and RoPE roundings (kernels/ggml_math.py). edgelm evaluates a prompt with the same arithmetic
+as one-token decoding, so its logits for a whole prompt equal llama.cpp's token-by-token
+logits, and greedy continuations are identical.
+
+llama.cpp's own *batched* prompt evaluation (n_batch > 1) takes different F16 matrix kernels
+for attention and rounds differently; its logits for the same tokens with n_batch=512 and
+n_batch=1 agree on the top-1 token at only ~97% of positions. The reference here is therefore
+llama.cpp with n_batch=1. The K-quant file (Q4_K_M) is not bit-exact: llama.cpp repacks Q4_K
+rows and quantizes their activations in 256-blocks (Q8_K), which edgelm does not reproduce;
+it is held to the noise floor of 95% top-1.
 """
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from llvmlite import binding as llvm_binding
 
 import edgelm
 from edgelm.runtime.perplexity import perplexity
@@ -24,17 +33,22 @@ PROMPTS = [
     "1. Apples\n2. Bananas\n3.",
 ]
 CTX = 2048
+EXACT = ("q4_1", "q8_0")  # files whose every tensor type edgelm evaluates with llama.cpp's rounding
+# ggml picks its AVX-512 kernels where the CPU has them; edgelm reproduces the AVX2 ones
+_AVX2_ONLY = not llvm_binding.get_host_cpu_features().get("avx512f", False)
 
 
 @pytest.fixture(scope="module", params=["q4_1", "q8_0", "q4_k_m"])
 def engines(request, default_gguf, requantized_gguf, llama_cpp):
     path = default_gguf if request.param == "q4_1" else requantized_gguf(request.param)
     ours = edgelm.load(str(path), threads=2, n_ctx=CTX)
-    ref = llama_cpp.Llama(model_path=str(path), n_ctx=CTX, n_batch=512, n_threads=2, n_threads_batch=2,
-                          logits_all=True, verbose=False)
-    yield request.param, ours, ref
+    kw = dict(model_path=str(path), n_ctx=CTX, n_threads=2, n_threads_batch=2, logits_all=True, verbose=False)
+    one = llama_cpp.Llama(n_batch=1, n_ubatch=1, **kw)  # token by token: llama.cpp's decoding path
+    batched = llama_cpp.Llama(n_batch=512, **kw)  # for the perplexity of the re-quantized files
+    yield request.param, ours, one, batched
     ours.close()
-    ref.close()
+    one.close()
+    batched.close()
 
 
 def _ref_logits(ref, ids):
@@ -44,22 +58,30 @@ def _ref_logits(ref, ids):
 
 
 def test_top1_agreement_over_2048_wikitext_tokens(engines, eval_text):
-    kind, ours, ref = engines
+    kind, ours, one, _ = engines
     ids = ours.tokenize(eval_text[:20000])[:CTX]
     assert len(ids) == CTX
-    a, b = ours.logits(ids), _ref_logits(ref, ids)
+    a, b = ours.logits(ids), _ref_logits(one, ids)
     agree = float((a.argmax(-1) == b.argmax(-1)).mean())
-    print(f"{kind}: top-1 agreement {agree:.4f}, max |dlogit| {np.abs(a - b).max():.3f}")
-    assert agree >= 0.95
+    same_rows = int(sum(np.array_equal(x, y) for x, y in zip(a, b)))
+    print(f"{kind}: top-1 agreement {agree:.4f}, rows bit-identical {same_rows}/{CTX}, "
+          f"max |dlogit| {np.abs(a - b).max():.3g}")
+    if kind in EXACT:
+        assert agree >= 0.99
+        if _AVX2_ONLY:
+            assert same_rows == CTX
+    else:
+        assert agree >= 0.95
 
 
 def test_greedy_continuations_match(engines):
-    kind, ours, ref = engines
-    same, prefixes = greedy_agreement(ours, ref, PROMPTS, 64)
+    kind, ours, one, _ = engines
+    same, prefixes = greedy_agreement(ours, one, PROMPTS, 64)
     print(f"{kind}: {same}/5 greedy continuations identical; characters in common: {prefixes}")
-    # A flip at a near-tie ends the agreement (llama.cpp splits with itself across batch sizes
-    # too): require the openings of at least 4 of the 5 continuations to match.
-    assert sum(p >= 8 for p in prefixes) >= 4
+    if kind in EXACT:
+        assert same == len(PROMPTS)
+    else:  # a flip at a near-tie ends the agreement: require the openings of 4 of the 5 to match
+        assert sum(p >= 8 for p in prefixes) >= 4
 
 
 # llama.cpp's perplexity of the default file, ctx 512, 20 chunks (llama-perplexity's figure);
@@ -71,7 +93,7 @@ CHUNKS = {"q4_1": 20, "q8_0": 8, "q4_k_m": 8}
 
 
 def test_perplexity_within_one_percent(engines, eval_text):
-    kind, ours, ref = engines
+    kind, ours, _, ref = engines
     tokens = ours.tokenize(eval_text[:200000])
     bos = ours.tokenizer.bos_id if ours.tokenizer.add_bos else None
     mine = perplexity(ours.logits, tokens, 512, CHUNKS[kind], bos).ppl
