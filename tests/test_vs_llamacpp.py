@@ -33,7 +33,11 @@ PROMPTS = [
     "1. Apples\n2. Bananas\n3.",
 ]
 CTX = 2048
-EXACT = ("q4_1", "q8_0")  # files whose every tensor type edgelm evaluates with llama.cpp's rounding
+EXACT = ("q4_1", "q8_0")
+# Positions compared: the 2,048 for the files edgelm matches bit for bit; 1,024 for the
+# K-quant file, whose ~96% is a noise floor and stable from a few hundred tokens on (CI time:
+# llama.cpp's token-by-token reference costs ~20 ms a token at this depth).
+POSITIONS = {"q4_1": 2048, "q8_0": 2048, "q4_k_m": 1024}  # files whose every tensor type edgelm evaluates with llama.cpp's rounding
 # ggml picks its AVX-512 kernels where the CPU has them; edgelm reproduces the AVX2 ones
 _AVX2_ONLY = not llvm_binding.get_host_cpu_features().get("avx512f", False)
 
@@ -59,17 +63,18 @@ def _ref_logits(ref, ids):
 
 def test_top1_agreement_over_2048_wikitext_tokens(engines, eval_text):
     kind, ours, one, _ = engines
-    ids = ours.tokenize(eval_text[:20000])[:CTX]
-    assert len(ids) == CTX
+    n = POSITIONS[kind]
+    ids = ours.tokenize(eval_text[:20000])[:n]
+    assert len(ids) == n
     a, b = ours.logits(ids), _ref_logits(one, ids)
     agree = float((a.argmax(-1) == b.argmax(-1)).mean())
     same_rows = int(sum(np.array_equal(x, y) for x, y in zip(a, b)))
-    print(f"{kind}: top-1 agreement {agree:.4f}, rows bit-identical {same_rows}/{CTX}, "
+    print(f"{kind}: top-1 agreement {agree:.4f}, rows bit-identical {same_rows}/{n}, "
           f"max |dlogit| {np.abs(a - b).max():.3g}")
     if kind in EXACT:
         assert agree >= 0.99
         if _AVX2_ONLY:
-            assert same_rows == CTX
+            assert same_rows == n
     else:
         assert agree >= 0.95
 
@@ -88,8 +93,8 @@ def test_greedy_continuations_match(engines):
 # test_perplexity.py::test_method_on_llama_cpp_logits_reproduces_published_ppl recomputes it from
 # llama.cpp's logits in the same run, so the default file is not evaluated by llama.cpp twice.
 LLAMA_CPP_PPL_Q4_1 = 25.40
-# The re-quantized files: both engines on the first 8 chunks (saves ~2 minutes of CI).
-CHUNKS = {"q4_1": 20, "q8_0": 8, "q4_k_m": 8}
+# The re-quantized files: both engines on the first 6 chunks (saves ~2.5 minutes of CI).
+CHUNKS = {"q4_1": 20, "q8_0": 6, "q4_k_m": 6}
 
 
 def test_perplexity_within_one_percent(engines, eval_text):
