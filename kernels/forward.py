@@ -25,7 +25,6 @@ ggml's CPU backend computes, bit for bit (``ggml_math``; README "Agreement with 
 """
 from __future__ import annotations
 
-import numpy as np
 from numba import njit
 
 from .attention import QUERY_BLOCK, attend_block, group_end

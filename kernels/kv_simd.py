@@ -3,22 +3,24 @@
 Attention touches every cached row of a head on every decode step, so these read a row where it
 lies -- by flat offsets into the whole cache array, not through a view per row (numba
 reference-counts views it cannot prove short-lived, which cost more than the arithmetic) -- and
-convert 8 values at a time. Each function computes exactly what decoding the row to float32 first
-(``kvquant.load_row``/``load_key_codes``) and then ``dot_f32``/``axpy_f32`` computes, bit for bit:
-the same products in the same lanes and order.
+convert 8 values at a time. The row reads ``axpy_f16``, ``dot_codes`` and ``axpy_value_row``
+compute exactly what decoding the row to float32 first (``kvquant.load_row``/``load_key_codes``)
+and then ``dot_f32``/``axpy_f32`` computes, bit for bit: the same products in the same lanes and
+order. The 16-bit attention sums instead follow llama.cpp's order: ``dot_f16_ggml`` for q.k,
+``reduce_value_parts`` for the per-slot partial sums of the value rows.
 
 Offsets: ``ao``/``yo`` count float32 elements of C-contiguous arrays of any rank, ``ho``/``so``
 count bytes of C-contiguous uint8 arrays.
 """
 from __future__ import annotations
 
+import numpy as np
+from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
-import numpy as np
-
-from .quant_simd import (_I8, _I32, _V8F, _bytes_as, _splat_const, _vec, f32x8, load_f16, sfma, sload, sstore,
-                         vadd, vfma, vhsum, vhsum_hadd, vload, vload_f16, vsplat, vstore, vzero)
+from .quant_simd import (_I8, _I32, _V8F, _bytes_as, _lanes, _splat_const, _vec, f32x8, load_f16, sfma, sload,
+                         sstore, vfma, vhsum, vload, vload_f16, vsplat, vstore, vzero)
 from .kvquant import KV_GROUP, Q4_GROUP_BYTES, Q8_GROUP_BYTES
 
 
@@ -58,17 +60,24 @@ def vload_nibbles(typingctx, b, off, high):
     return f32x8(b, types.intp, types.boolean), codegen
 
 
-@njit(nogil=True, inline="always", cache=True)
-def dot_f16(a, ao, h, ho, n):
-    """sum_j a[ao + j] * half(h, ho + 2 j) for j < n: a float32 vector with a 16-bit row."""
-    n8 = n - n % 8
-    acc = vzero()
-    for j in range(0, n8, 8):
-        acc = vfma(vload(a, ao + j), vload_f16(h, ho + 2 * j), acc)
-    s = vhsum(acc)
-    for j in range(n8, n):
-        s = sfma(sload(a, ao + j), load_f16(h, ho + 2 * j), s)
-    return s
+@intrinsic
+def vhsum_hadd(typingctx, a):
+    """Sum of the 8 lanes in the order of ggml's ``GGML_F32x8_REDUCE`` tail: t_l = a_l + a_{l+4},
+    then two ``hadd``s, (t_0 + t_1) + (t_2 + t_3)."""
+    def codegen(context, builder, sig, args):
+        v = args[0]
+        t = builder.fadd(builder.shuffle_vector(v, v, _lanes([0, 1, 2, 3])),
+                         builder.shuffle_vector(v, v, _lanes([4, 5, 6, 7])))
+        e = [builder.extract_element(t, ir.Constant(_I32, k)) for k in range(4)]
+        return builder.fadd(builder.fadd(e[0], e[1]), builder.fadd(e[2], e[3]))
+
+    return types.float32(f32x8), codegen
+
+
+@intrinsic
+def vadd(typingctx, a, b):
+    """a + b, lane-wise."""
+    return f32x8(f32x8, f32x8), lambda context, builder, sig, args: builder.fadd(args[0], args[1])
 
 
 @njit(nogil=True, inline="always", cache=True)

@@ -40,7 +40,7 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
-from .quant_drivers import INT8_MAX_TOKENS, PREFETCH_BYTES, TILE_ROWS, gemm_tile
+from .quant_drivers import PREFETCH_BYTES, TILE_ROWS, gemm_tile
 from .quant_simd import (
     _I8, _I16, _V32B, _bytes_as, _lanes, _ptr, _splat, _splat_const, _vec,
     dot_u8s8, i8x32, load_f16, load_i8x32, prefetch, quantize_block_q8, sfma, vfma, vhsum, vsplat,
@@ -48,6 +48,7 @@ from .quant_simd import (
 )
 
 QK = 32
+INT8_MAX_TOKENS = 8  # larger batches take the float tile path (crossover measured by microbench)
 A4_BLOCK_BYTES, A3_BLOCK_BYTES = 16, 12  # bytes of 32 packed quants
 
 

@@ -57,7 +57,6 @@ from .quant_simd import (
 )
 
 QK = 32  # weights per block
-INT8_MAX_TOKENS = 8  # affine formats: larger batches take the float tile path (crossover measured)
 MR = 3  # rows per register block of the float kernel
 NT = 4  # tokens per register block: MR * NT = 12 accumulators + 3 weight + 1 activation ymm
 PREFETCH_BYTES = 2048  # software prefetch distance in a weight row: decode streams weights from DRAM
@@ -104,60 +103,48 @@ def quantize_activations(X, n, cols, xq, dx, xs):
 
 
 @njit(nogil=True, inline="always", cache=True)
+def _block_step(dot, qa, da, ma, qb, db, mb, xq, qo, d, s, acc0, acc1, bias0, bias1):
+    """One 32-weight block of two rows times one token's quantized block (quants at xq[qo],
+    scale d, Q8_1 sum s): the steps every (row, token) sum takes per block, in llama.cpp's
+    order. Shared by the one- and four-token kernels, so their sums agree bit for bit."""
+    y = load_i8x32(xq, qo)
+    return (vfma(dot(qa, y), vsplat(da * d), acc0), vfma(dot(qb, y), vsplat(db * d), acc1),
+            sfma(ma, s, bias0), sfma(mb, s, bias1))
+
+
+@njit(nogil=True, inline="always", cache=True)
 def _rows2_tok1(block, dot, bpb, w, o0, o1, nb, xq, q0, dx, xs, s0):
     """Rows at byte offsets o0, o1 times one quantized token (quants at xq[q0], scales at
     dx/xs[s0]). Two rows give two independent FMA chains, which hides the FMA latency."""
-    acc0 = vzero()
-    acc1 = vzero()
-    bias0 = np.float32(0.0)
-    bias1 = np.float32(0.0)
+    acc0, acc1 = vzero(), vzero()
+    bias0, bias1 = np.float32(0.0), np.float32(0.0)
     for b in range(nb):
         prefetch(w, o0 + b * bpb + PREFETCH_BYTES)
         prefetch(w, o1 + b * bpb + PREFETCH_BYTES)
-        y = load_i8x32(xq, q0 + b * QK)
         qa, da, ma = block(w, o0 + b * bpb)
         qb, db, mb = block(w, o1 + b * bpb)
-        acc0 = vfma(dot(qa, y), vsplat(da * dx[s0 + b]), acc0)
-        acc1 = vfma(dot(qb, y), vsplat(db * dx[s0 + b]), acc1)
-        bias0 = sfma(ma, xs[s0 + b], bias0)
-        bias1 = sfma(mb, xs[s0 + b], bias1)
+        acc0, acc1, bias0, bias1 = _block_step(dot, qa, da, ma, qb, db, mb, xq, q0 + b * QK, dx[s0 + b],
+                                               xs[s0 + b], acc0, acc1, bias0, bias1)
     return vhsum(acc0) + bias0, vhsum(acc1) + bias1
 
 
 @njit(nogil=True, inline="always", cache=True)
 def _rows2_tok4(block, dot, bpb, w, o0, o1, nb, xq, cols, dx, xs, t0, t1, t2, t3):
     """``_rows2_tok1`` for four tokens at once (t0..t3, repeats allowed): each block of the two
-    rows is decoded once for all four, and every (row, token) sum runs the same operations in
-    the same order as ``_rows2_tok1`` -- the results are identical to one-token decoding, bit
-    for bit (the int8 dot is exact and every float step is an explicit FMA or product)."""
+    rows is decoded once for all four, and every (row, token) sum runs ``_block_step`` as
+    ``_rows2_tok1`` does -- the results equal one-token decoding's bit for bit."""
     a00, a01, a02, a03 = vzero(), vzero(), vzero(), vzero()
     a10, a11, a12, a13 = vzero(), vzero(), vzero(), vzero()
     z = np.float32(0.0)
     b00, b01, b02, b03, b10, b11, b12, b13 = z, z, z, z, z, z, z, z
-    sb0, sb1, sb2, sb3 = t0 * nb, t1 * nb, t2 * nb, t3 * nb
     for b in range(nb):
         qa, da, ma = block(w, o0 + b * bpb)
         qb, db, mb = block(w, o1 + b * bpb)
-        y = load_i8x32(xq, t0 * cols + b * QK)
-        a00 = vfma(dot(qa, y), vsplat(da * dx[sb0 + b]), a00)
-        a10 = vfma(dot(qb, y), vsplat(db * dx[sb0 + b]), a10)
-        b00 = sfma(ma, xs[sb0 + b], b00)
-        b10 = sfma(mb, xs[sb0 + b], b10)
-        y = load_i8x32(xq, t1 * cols + b * QK)
-        a01 = vfma(dot(qa, y), vsplat(da * dx[sb1 + b]), a01)
-        a11 = vfma(dot(qb, y), vsplat(db * dx[sb1 + b]), a11)
-        b01 = sfma(ma, xs[sb1 + b], b01)
-        b11 = sfma(mb, xs[sb1 + b], b11)
-        y = load_i8x32(xq, t2 * cols + b * QK)
-        a02 = vfma(dot(qa, y), vsplat(da * dx[sb2 + b]), a02)
-        a12 = vfma(dot(qb, y), vsplat(db * dx[sb2 + b]), a12)
-        b02 = sfma(ma, xs[sb2 + b], b02)
-        b12 = sfma(mb, xs[sb2 + b], b12)
-        y = load_i8x32(xq, t3 * cols + b * QK)
-        a03 = vfma(dot(qa, y), vsplat(da * dx[sb3 + b]), a03)
-        a13 = vfma(dot(qb, y), vsplat(db * dx[sb3 + b]), a13)
-        b03 = sfma(ma, xs[sb3 + b], b03)
-        b13 = sfma(mb, xs[sb3 + b], b13)
+        i0, i1, i2, i3 = t0 * nb + b, t1 * nb + b, t2 * nb + b, t3 * nb + b  # block b of each token
+        a00, a10, b00, b10 = _block_step(dot, qa, da, ma, qb, db, mb, xq, i0 * QK, dx[i0], xs[i0], a00, a10, b00, b10)
+        a01, a11, b01, b11 = _block_step(dot, qa, da, ma, qb, db, mb, xq, i1 * QK, dx[i1], xs[i1], a01, a11, b01, b11)
+        a02, a12, b02, b12 = _block_step(dot, qa, da, ma, qb, db, mb, xq, i2 * QK, dx[i2], xs[i2], a02, a12, b02, b12)
+        a03, a13, b03, b13 = _block_step(dot, qa, da, ma, qb, db, mb, xq, i3 * QK, dx[i3], xs[i3], a03, a13, b03, b13)
     return (vhsum(a00) + b00, vhsum(a01) + b01, vhsum(a02) + b02, vhsum(a03) + b03,
             vhsum(a10) + b10, vhsum(a11) + b11, vhsum(a12) + b12, vhsum(a13) + b13)
 
@@ -185,8 +172,10 @@ def matvec_blocks(block, dot, bpb, w, cols, x, out, r0, r1):
 
 
 @njit(nogil=True, inline="always", cache=True)
-def _matmul_int8(block, dot, bpb, w, cols, X, out, r0, r1):
-    """out[t, r] = W[r] . X[t] via the int8-activation path (few tokens)."""
+def matmul_blocks(block, dot, bpb, w, cols, X, out, r0, r1):
+    """out[t, r] = W[r] . X[t] for all tokens t and r in [r0, r1) (block formats), each equal to
+    the token's own matvec bit for bit."""
+    _check_blocks(cols)
     n = X.shape[0]
     nb = cols // QK
     xq = np.empty(n * cols, np.int8)
@@ -194,12 +183,11 @@ def _matmul_int8(block, dot, bpb, w, cols, X, out, r0, r1):
     xs = np.empty(n * nb, np.float32)
     quantize_activations(X, n, cols, xq, dx, xs)
     rb = nb * bpb
-    # Each (row pair, token) sum is formed exactly as matvec's ``_rows2_tok1`` forms it, with
-    # matvec's pairing of rows (``_rows2_tok4`` shares the block decoding between four tokens),
-    # so every token's result equals its matvec bit for bit: batched prompt evaluation and
-    # speculative verification reproduce one-token decoding exactly (and llama.cpp's, whose
-    # prompt evaluation of these formats is the same per-token dot product). The two rows stay
-    # in L1 across the tokens: the weights are read from memory once.
+    # Matvec's pairing of rows and its per-block steps (``_block_step``), four tokens per pass
+    # over each block: every token's result equals its matvec bit for bit, so prompt
+    # evaluation and speculative verification reproduce one-token decoding exactly (and
+    # llama.cpp's, whose prompt evaluation of these formats is the same per-token dot product).
+    # The two rows stay in L1 across the tokens: the weights are read from memory once.
     for r in range(r0, r1, 2):
         r2 = min(r + 1, r1 - 1)
         for t in range(0, n, 4):
@@ -207,14 +195,6 @@ def _matmul_int8(block, dot, bpb, w, cols, X, out, r0, r1):
             (out[t, r], out[t1, r], out[t2, r], out[t3, r],
              out[t, r2], out[t1, r2], out[t2, r2], out[t3, r2]) = _rows2_tok4(
                 block, dot, bpb, w, r * rb, r2 * rb, nb, xq, cols, dx, xs, t, t1, t2, t3)
-
-
-@njit(nogil=True, inline="always", cache=True)
-def matmul_blocks(block, dot, bpb, w, cols, X, out, r0, r1):
-    """out[t, r] = W[r] . X[t] for all tokens t and r in [r0, r1) (block formats), each equal to
-    the token's own matvec bit for bit."""
-    _check_blocks(cols)
-    _matmul_int8(block, dot, bpb, w, cols, X, out, r0, r1)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,7 +27,6 @@ from __future__ import annotations
 import platform
 
 import llvmlite.binding as llvm_binding
-import numpy as np
 from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils, config
@@ -176,26 +175,6 @@ def vfma(typingctx, a, b, c):
 def vhsum(typingctx, a):
     """Sum of the 8 lanes as float32 (fixed association order)."""
     return types.float32(f32x8), lambda context, builder, sig, args: _hsum8(builder, args[0])
-
-
-@intrinsic
-def vhsum_hadd(typingctx, a):
-    """Sum of the 8 lanes in the order of ggml's ``GGML_F32x8_REDUCE`` tail: t_l = a_l + a_{l+4},
-    then two ``hadd``s, (t_0 + t_1) + (t_2 + t_3)."""
-    def codegen(context, builder, sig, args):
-        v = args[0]
-        t = builder.fadd(builder.shuffle_vector(v, v, _lanes([0, 1, 2, 3])),
-                         builder.shuffle_vector(v, v, _lanes([4, 5, 6, 7])))
-        e = [builder.extract_element(t, ir.Constant(_I32, k)) for k in range(4)]
-        return builder.fadd(builder.fadd(e[0], e[1]), builder.fadd(e[2], e[3]))
-
-    return types.float32(f32x8), codegen
-
-
-@intrinsic
-def vadd(typingctx, a, b):
-    """a + b, lane-wise."""
-    return f32x8(f32x8, f32x8), lambda context, builder, sig, args: builder.fadd(args[0], args[1])
 
 
 @intrinsic
@@ -488,20 +467,6 @@ def dot_f32(a, b, n):
     s = vhsum(acc)
     for j in range(n8, n):
         s = sfma(a[j], b[j], s)
-    return s
-
-
-@njit(nogil=True, inline="always", cache=True)
-def sum_f32(a, n):
-    """sum_j a[j] for j < n, in the same fixed order as ``dot_f32`` (see there)."""
-    n8 = n - n % 8
-    one = vsplat(np.float32(1.0))
-    acc = vzero()
-    for j in range(0, n8, 8):
-        acc = vfma(vload(a, j), one, acc)  # exact: x * 1 + acc rounds once, like x + acc
-    s = vhsum(acc)
-    for j in range(n8, n):
-        s += a[j]
     return s
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from numba import njit
 
-from edgelm.kernels.kv_simd import axpy_f16, axpy_value_row, dot_codes, dot_f16
+from edgelm.kernels.kv_simd import axpy_f16, axpy_value_row, dot_codes
 from edgelm.kernels.kvquant import load_key_codes, load_row, row_bytes, store_row
 from edgelm.kernels.quant_simd import axpy_f32, dot_f32
 
@@ -34,8 +34,6 @@ def test_16_bit_rows(head_dim):
     cache = x.astype(np.float16).view(np.uint8).copy()  # [rows, 2 hd]
     for r in range(3):
         row = cache[r].view(np.float16).astype(np.float32)
-        assert dot_f16(a, r * a.shape[1] + 5, cache, r * cache.shape[1], head_dim) == \
-            _dot_then(a[r, 5:].copy(), row, head_dim)
         y, y_ref = a.copy(), a.copy()
         axpy_f16(np.float32(0.3), cache, r * cache.shape[1], y, r * y.shape[1] + 5, head_dim)
         _axpy_then(np.float32(0.3), row, y_ref[r, 5:], head_dim)
