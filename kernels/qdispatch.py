@@ -54,10 +54,9 @@ from .quant_k import (
     matmul_q5_k,
     matmul_q6_k,
     matvec_q3_k,
-    matvec_q4_k,
     matvec_q5_k,
-    matvec_q6_k,
 )
+from .quant_k8 import matmul_q4_k8, matmul_q6_k8, matvec_q4_k8, matvec_q6_k8
 from .quant_legacy import (
     matmul_float_q4_0,
     matmul_float_q4_1,
@@ -124,9 +123,9 @@ def matvec(w: np.ndarray, gtype: int, cols: int, x: np.ndarray, out: np.ndarray,
     elif gtype == Q8_0:
         matvec_q8_0(w, cols, x, out, r0, r1)
     elif gtype == Q4_K:
-        matvec_q4_k(w, cols, x, out, r0, r1)
+        matvec_q4_k8(w, cols, x, out, r0, r1)
     elif gtype == Q6_K:
-        matvec_q6_k(w, cols, x, out, r0, r1)
+        matvec_q6_k8(w, cols, x, out, r0, r1)
     elif gtype == Q5_K:
         matvec_q5_k(w, cols, x, out, r0, r1)
     elif gtype == Q3_K:
@@ -155,9 +154,9 @@ def matmul(w: np.ndarray, gtype: int, cols: int, X: np.ndarray, out: np.ndarray,
     elif gtype == Q8_0:
         matmul_q8_0(w, cols, X, out, r0, r1)
     elif gtype == Q4_K:
-        matmul_q4_k(w, cols, X, out, r0, r1)
+        matmul_q4_k8(w, cols, X, out, r0, r1)
     elif gtype == Q6_K:
-        matmul_q6_k(w, cols, X, out, r0, r1)
+        matmul_q6_k8(w, cols, X, out, r0, r1)
     elif gtype == Q5_K:
         matmul_q5_k(w, cols, X, out, r0, r1)
     elif gtype == Q3_K:
@@ -180,7 +179,8 @@ def matmul(w: np.ndarray, gtype: int, cols: int, X: np.ndarray, out: np.ndarray,
 def matmul_float(w: np.ndarray, gtype: int, cols: int, X: np.ndarray, out: np.ndarray, r0: int, r1: int) -> None:
     """``matmul`` with float32 activations for every number of tokens: the legacy block formats
     take their float tile path instead of the int8 one (exact weights, float32 sums); the other
-    types are ``matmul``'s (K-quants below 16 tokens and affine below 9 keep int8 activations)."""
+    types are ``matmul``'s (affine below 9 tokens keeps int8 activations). Q4_K and Q6_K take
+    ``quant_k``'s float kernels instead of ``quant_k8``'s Q8_K ones."""
     if gtype == Q4_1:
         matmul_float_q4_1(w, cols, X, out, r0, r1)
     elif gtype == Q4_0:
@@ -191,6 +191,10 @@ def matmul_float(w: np.ndarray, gtype: int, cols: int, X: np.ndarray, out: np.nd
         matmul_float_q5_0(w, cols, X, out, r0, r1)
     elif gtype == Q5_1:
         matmul_float_q5_1(w, cols, X, out, r0, r1)
+    elif gtype == Q4_K:
+        matmul_q4_k(w, cols, X, out, r0, r1)
+    elif gtype == Q6_K:
+        matmul_q6_k(w, cols, X, out, r0, r1)
     else:
         matmul(w, gtype, cols, X, out, r0, r1)
 

