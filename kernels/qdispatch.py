@@ -30,6 +30,8 @@ from .quant_affine import (
     dequantize_rows_affine4,
     matmul_affine3,
     matmul_affine4,
+    matmul_float_affine3,
+    matmul_float_affine4,
     matvec_affine3,
     matvec_affine4,
 )
@@ -179,7 +181,7 @@ def matmul(w: np.ndarray, gtype: int, cols: int, X: np.ndarray, out: np.ndarray,
 def matmul_float(w: np.ndarray, gtype: int, cols: int, X: np.ndarray, out: np.ndarray, r0: int, r1: int) -> None:
     """``matmul`` with float32 activations for every number of tokens: the legacy block formats
     take their float tile path instead of the int8 one (exact weights, float32 sums); the other
-    types are ``matmul``'s (affine below 9 tokens keeps int8 activations). Q4_K and Q6_K take
+    types are ``matmul``'s. Q4_K and Q6_K take
     ``quant_k``'s float kernels instead of ``quant_k8``'s Q8_K ones."""
     if gtype == Q4_1:
         matmul_float_q4_1(w, cols, X, out, r0, r1)
@@ -274,10 +276,15 @@ def matmul_t(blob: np.ndarray, wt: np.ndarray, X: np.ndarray, out: np.ndarray, r
 
 @njit(nogil=True, cache=True)
 def matmul_float_t(blob: np.ndarray, wt: np.ndarray, X: np.ndarray, out: np.ndarray, r0: int, r1: int) -> None:
-    """``matmul_t`` with float32 activations where a type has that path (``matmul_float``)."""
-    gtype = wt[W_TYPE]
-    if gtype == AFFINE_Q4 or gtype == AFFINE_Q3:
-        matmul_t(blob, wt, X, out, r0, r1)
+    """``matmul_t`` with float32 activations where a type has that path (``matmul_float``,
+    and the affine types' float tiles)."""
+    gtype, cols = wt[W_TYPE], wt[W_COLS]
+    if gtype == AFFINE_Q4:
+        w, s, b = _affine_parts(blob, wt)
+        matmul_float_affine4(w, s, b, cols, wt[W_GROUP], X, out, r0, r1)
+    elif gtype == AFFINE_Q3:
+        w, s, b = _affine_parts(blob, wt)
+        matmul_float_affine3(w, s, b, cols, wt[W_GROUP], X, out, r0, r1)
     else:
         matmul_float(blob[wt[W_OFFSET]: wt[W_OFFSET] + wt[W_NBYTES]], gtype, wt[W_COLS], X, out, r0, r1)
 

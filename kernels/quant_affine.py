@@ -29,6 +29,7 @@ Kernel contract (rows [r0, r1); ``gs`` the group size)::
 
     matvec_affine{4,3}(w, s, b, cols, gs, x, out, r0, r1)         out[r] = W[r] . x
     matmul_affine{4,3}(w, s, b, cols, gs, X, out, r0, r1)         out[i, r] = W[r] . X[i]
+    matmul_float_affine{4,3}(...)                                 the same, float32 activations
     dequantize_rows_affine{4,3}(w, s, b, cols, gs, r0, r1, out)   out[r - r0] = W[r]
 
 No fastmath, for the reasons given in ``quant_drivers``.
@@ -261,6 +262,13 @@ def matmul_affine4(w, s, b, cols, gs, X, out, r0, r1):
 
 
 @njit(nogil=True, cache=True)
+def matmul_float_affine4(w, s, b, cols, gs, X, out, r0, r1):
+    """``matmul_affine4`` with float32 activations for any number of tokens (decoded tiles)."""
+    _check(cols, gs)
+    _gemm_tiles(_block4, A4_BLOCK_BYTES, w, s, b, cols, gs, X, out, r0, r1)
+
+
+@njit(nogil=True, cache=True)
 def dequantize_rows_affine4(w, s, b, cols, gs, r0, r1, out):
     """out[r - r0] = W[r] as float32 for r in [r0, r1) (4-bit affine)."""
     _dequantize(_block4, A4_BLOCK_BYTES, w, s, b, cols, gs, r0, r1, out)
@@ -276,6 +284,13 @@ def matvec_affine3(w, s, b, cols, gs, x, out, r0, r1):
 def matmul_affine3(w, s, b, cols, gs, X, out, r0, r1):
     """out[i, r] = W[r] . X[i] for every token i and r in [r0, r1) (3-bit affine)."""
     _matmul(_block3, A3_BLOCK_BYTES, w, s, b, cols, gs, X, out, r0, r1)
+
+
+@njit(nogil=True, cache=True)
+def matmul_float_affine3(w, s, b, cols, gs, X, out, r0, r1):
+    """``matmul_affine3`` with float32 activations for any number of tokens (decoded tiles)."""
+    _check(cols, gs)
+    _gemm_tiles(_block3, A3_BLOCK_BYTES, w, s, b, cols, gs, X, out, r0, r1)
 
 
 @njit(nogil=True, cache=True)

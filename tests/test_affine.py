@@ -23,6 +23,7 @@ KERNELS = {
     4: (quant_affine.matvec_affine4, quant_affine.matmul_affine4, quant_affine.dequantize_rows_affine4),
     3: (quant_affine.matvec_affine3, quant_affine.matmul_affine3, quant_affine.dequantize_rows_affine3),
 }
+FLOAT_KERNELS = {4: quant_affine.matmul_float_affine4, 3: quant_affine.matmul_float_affine3}
 
 
 @pytest.fixture
@@ -96,6 +97,12 @@ def test_kernels_against_reference(bits, gs, cols, rng):
     got = np.zeros((20, rows), np.float32)
     matmul(w, s, b, cols, gs, X, got, 0, rows)  # float tiles
     np.testing.assert_allclose(got, exact, rtol=0, atol=1e-5 * np.abs(exact).max() + 1e-6)
+    # float32-activation mode: the same float tiles for any number of tokens, one included
+    matmul_float = FLOAT_KERNELS[bits]
+    for n in (1, 3):
+        few = np.zeros((n, rows), np.float32)
+        matmul_float(w, s, b, cols, gs, X[:n], few, 0, rows)
+        np.testing.assert_array_equal(few, got[:n])
 
     # int8 activations: the error of W . x_q, x_q the per-32 rounding of x (<= 0.6 d_x per value)
     dx = np.abs(X.reshape(20, cols // 32, 32)).max(-1) / 127
