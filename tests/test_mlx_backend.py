@@ -121,12 +121,12 @@ def float32_choices(backend, prompt_ids: list[int], continuation: list[int]) -> 
     return logits.argmax(-1)
 
 
-def assert_greedy_identical(pair) -> None:
+def assert_greedy_identical(pair, prompts=PROMPTS) -> None:
     """For every prompt, MLX's greedy continuation, decoded token by token as generation does,
     is numba's (float32 mode, also token by token) -- and, teacher-forced in one batched numba
     pass, each of its tokens is that pass's choice too, so the text does not depend on how the
     tokens were batched."""
-    for prompt in PROMPTS:
+    for prompt in prompts:
         ids = pair.tokenizer.encode(prompt, add_special=True, parse_special=True)
         got = greedy(pair.mlx, ids, GREEDY_TOKENS)
         want = greedy(pair.numba, ids, GREEDY_TOKENS)
@@ -149,7 +149,8 @@ def test_affine_models_match_numba(bits, affine_gguf, eval_text):
         top1, worst = agreement(pair, wikitext_chunks(pair, eval_text, POSITIONS // 2))
         print(f"affine INT{bits}: top-1 agreement {top1:.4f}, max |dlogit| {worst:.3f}")
         assert top1 >= 0.99
-        assert_greedy_identical(pair)
+        # two prompts in CI (MLX's CPU build decodes at ~5 tok/s); all five with the full criteria
+        assert_greedy_identical(pair, PROMPTS if GREEDY_TOKENS >= 64 else PROMPTS[:2])
     finally:
         pair.close()
 
