@@ -34,7 +34,7 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
-from .quant_simd import USE_AVX2, _V8F, _V32B, _I16, _I32, _call, _ptr, _splat, _splat_const, _vec, \
+from .quant_simd import USE_AVX2, _V8F, _V32B, _I16, _I32, _call, _even_odd_sum, _ptr, _splat, _splat_const, _vec, \
     f32x8, load_f16, sfma, vfma, vhsum, vsplat, vzero
 from .quant_k_simd import load_u32
 
@@ -100,18 +100,16 @@ def _maddubs(builder, u, s):
     here reaches int16 saturation (|u| <= 63, |s| <= 127), so the generic form is the same."""
     if USE_AVX2:
         return _call(builder, "llvm.x86.avx2.pmadd.ub.sw", _V16S, [u, s])
-    prod = builder.mul(builder.zext(u, _vec(_I16, 32)), builder.sext(s, _vec(_I16, 32)))
-    return builder.add(builder.shuffle_vector(prod, prod, ir.Constant(_vec(_I32, 16), list(range(0, 32, 2)))),
-                       builder.shuffle_vector(prod, prod, ir.Constant(_vec(_I32, 16), list(range(1, 32, 2)))))
+    return _even_odd_sum(builder, builder.mul(builder.zext(u, _vec(_I16, 32)), builder.sext(s, _vec(_I16, 32))), 32,
+                         None)
 
 
 def _madd(builder, a, b):
     """<8 x i32>: a[2i] * b[2i] + a[2i+1] * b[2i+1] of two <16 x i16> (``vpmaddwd``)."""
     if USE_AVX2:
         return _call(builder, "llvm.x86.avx2.pmadd.wd", _V8I, [a, b])
-    prod = builder.mul(builder.sext(a, _vec(_I32, 16)), builder.sext(b, _vec(_I32, 16)))
-    return builder.add(builder.shuffle_vector(prod, prod, ir.Constant(_vec(_I32, 8), list(range(0, 16, 2)))),
-                       builder.shuffle_vector(prod, prod, ir.Constant(_vec(_I32, 8), list(range(1, 16, 2)))))
+    return _even_odd_sum(builder, builder.mul(builder.sext(a, _vec(_I32, 16)), builder.sext(b, _vec(_I32, 16))), 16,
+                         None)
 
 
 def _byte_i16(builder, packed, k):
