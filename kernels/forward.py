@@ -100,7 +100,7 @@ def forward_worker(tid, nthr, sync,
                    blob, wtab, gtab, norms, bias, out_norm, icfg, eps, skip,
                    tokens, pos0, cos, sin, cos_s, sin_s, kcache, vcache, rkcache, rvcache, kvcfg,
                    slots, slot_pos, x, xb, q, qs, k, v, att, tmp, hb, hb2, scores, gaq, gdm,
-                   gdone, vacc, logits_from, logits):
+                   gdone, vacc, logits_from, head, logits):
     """Thread ``tid`` of ``nthr``'s part of one forward pass over ``n = len(tokens)`` tokens.
 
     blob:   uint8  [file size]            the memory-mapped GGUF (weights are views into it)
@@ -129,7 +129,10 @@ def forward_worker(tid, nthr, sync,
     scores: f32    [nthr, QUERY_BLOCK, n_ctx]  per-thread attention scratch
     gaq: f32 [nthr, QUERY_BLOCK, hd + 1]; gdm: f32 [nthr, 2, hd]; gdone: int32 [nthr, QUERY_BLOCK + 1];
     vacc: f32 [nthr, QUERY_BLOCK, (V_PARTS + 1) hd]  attention scratch (kernels/attention)
-    logits: f32    [n - logits_from, vocab]  written for tokens logits_from .. n-1
+    head:   1: the output head writes logits; 0: the pass stops after the final norm, leaving
+            the normed rows of tokens logits_from .. n-1 in xb[:n - logits_from] (``head_worker``
+            projects them later, as lazily evaluated speculative verification wants)
+    logits: f32    [n - logits_from, vocab]  written for tokens logits_from .. n-1 (when head)
     """
     n = tokens.shape[0]
     dim, n_layers = icfg[C_DIM], icfg[C_LAYERS]
@@ -256,5 +259,14 @@ def forward_worker(tid, nthr, sync,
         o0, o1 = _share(n_out, tid, nthr)
         _rmsnorm_rows(x[logits_from:], out_norm, eps, xb, o0, o1)
         spin_barrier(sync, nthr)
-        _project(blob, gtab[1], xb, logits, n_out, tid, nthr, fa)
+        if head:
+            _project(blob, gtab[1], xb, logits, n_out, tid, nthr, fa)
     spin_barrier(sync, nthr)
+
+
+@njit(nogil=True, cache=True)
+def head_worker(tid, nthr, sync, blob, gtab, icfg, xn, logits):
+    """Thread ``tid``'s rows of the output head for normed rows ``xn`` [n, dim] (left by a
+    ``forward_worker`` pass with head == 0): logits [n, vocab], bit for bit what that pass would
+    have written (matvec and matmul round each token alike)."""
+    _project(blob, gtab[1], xn, logits, xn.shape[0], tid, nthr, icfg[C_FLOAT_ACT] != 0)

@@ -18,8 +18,11 @@ accumulated by lane FMAs and summed as ``hsum_float_8``, plus sum_b m_b * s_b by
 (Q4_1/Q5_1; s_b is Q8_1's float16 block sum) -- ``ggml_vec_dot_q4_1_q8_1`` and friends. The
 cost is the activation rounding, |error| <= sum_k |W_k| * 0.6 d_x,b(k), the same as llama.cpp's.
 Each (row, token) sum runs the same operations in the same order however many tokens a call
-evaluates (``_rows2_tok1``, ``_rows2_tok4``), so prompt evaluation, speculative verification and
-one-token decoding agree bit for bit (tests/test_kernels_legacy.py, tests/test_speculative.py)
+evaluates (``_rows2_tok1``, ``_row_tok4``, ``_row_tok2``): a multi-token kernel only shares a
+weight block's decoding among its tokens and does their per-block scale products and m * s
+terms in the lanes of one vector instruction, each lane rounded as the scalar operation is.
+So prompt evaluation, speculative verification and one-token decoding agree bit for bit
+(tests/test_kernels_legacy.py, tests/test_speculative.py)
 -- and with llama.cpp, which evaluates prompts of these formats with the same per-token dot
 product (tests/test_vs_llamacpp.py).
 
@@ -48,9 +51,12 @@ from .quant_simd import (
     quantize_block_q8,
     sfma,
     sload,
+    vbroadcast4,
+    vfirst4,
     vfma,
     vhsum,
     vload,
+    vmul,
     vsplat,
     vstore_dequant,
     vzero,
@@ -129,24 +135,60 @@ def _rows2_tok1(block, dot, bpb, w, o0, o1, nb, xq, q0, dx, xs, s0):
 
 
 @njit(nogil=True, inline="always", cache=True)
-def _rows2_tok4(block, dot, bpb, w, o0, o1, nb, xq, cols, dx, xs, t0, t1, t2, t3):
-    """``_rows2_tok1`` for four tokens at once (t0..t3, repeats allowed): each block of the two
-    rows is decoded once for all four, and every (row, token) sum runs ``_block_step`` as
-    ``_rows2_tok1`` does -- the results equal one-token decoding's bit for bit."""
-    a00, a01, a02, a03 = vzero(), vzero(), vzero(), vzero()
-    a10, a11, a12, a13 = vzero(), vzero(), vzero(), vzero()
-    z = np.float32(0.0)
-    b00, b01, b02, b03, b10, b11, b12, b13 = z, z, z, z, z, z, z, z
+def _row_tok4(block, dot, bpb, w, o, nb, xq, d4, s4, g, t0, t1, t2, t3):
+    """One row times four tokens (t0..t3 of group g, repeats allowed): each block of the row is
+    decoded once for all four. Every token's sum takes ``_block_step``'s steps, only the four
+    tokens' scale products and Q8_1-sum terms share one vector instruction (lane j of
+    d4/s4[(g * nb + b) * 4:] is token j's block-b scale/sum, as ``_group_scales`` lays them
+    out) -- each lane rounds as the scalar operation does, so the results equal one-token
+    decoding's bit for bit. (One row, not two: four accumulators already hide the FMA latency,
+    and two rows' eight spill registers.)"""
+    a0, a1, a2, a3 = vzero(), vzero(), vzero(), vzero()
+    bias = vzero()  # lanes 0..3: the four tokens' m * s sums
     for b in range(nb):
-        qa, da, ma = block(w, o0 + b * bpb)
-        qb, db, mb = block(w, o1 + b * bpb)
-        i0, i1, i2, i3 = t0 * nb + b, t1 * nb + b, t2 * nb + b, t3 * nb + b  # block b of each token
-        a00, a10, b00, b10 = _block_step(dot, qa, da, ma, qb, db, mb, xq, i0 * QK, dx[i0], xs[i0], a00, a10, b00, b10)
-        a01, a11, b01, b11 = _block_step(dot, qa, da, ma, qb, db, mb, xq, i1 * QK, dx[i1], xs[i1], a01, a11, b01, b11)
-        a02, a12, b02, b12 = _block_step(dot, qa, da, ma, qb, db, mb, xq, i2 * QK, dx[i2], xs[i2], a02, a12, b02, b12)
-        a03, a13, b03, b13 = _block_step(dot, qa, da, ma, qb, db, mb, xq, i3 * QK, dx[i3], xs[i3], a03, a13, b03, b13)
-    return (vhsum(a00) + b00, vhsum(a01) + b01, vhsum(a02) + b02, vhsum(a03) + b03,
-            vhsum(a10) + b10, vhsum(a11) + b11, vhsum(a12) + b12, vhsum(a13) + b13)
+        q, dw, m = block(w, o + b * bpb)
+        k = (g * nb + b) * 4
+        s0, s1, s2, s3 = vbroadcast4(vmul(vsplat(dw), vload(d4, k)))  # dw * d_j, splat
+        a0 = vfma(dot(q, load_i8x32(xq, (t0 * nb + b) * QK)), s0, a0)
+        a1 = vfma(dot(q, load_i8x32(xq, (t1 * nb + b) * QK)), s1, a1)
+        a2 = vfma(dot(q, load_i8x32(xq, (t2 * nb + b) * QK)), s2, a2)
+        a3 = vfma(dot(q, load_i8x32(xq, (t3 * nb + b) * QK)), s3, a3)
+        bias = vfma(vsplat(m), vload(s4, k), bias)
+    b0, b1, b2, b3 = vfirst4(bias)
+    return vhsum(a0) + b0, vhsum(a1) + b1, vhsum(a2) + b2, vhsum(a3) + b3
+
+
+@njit(nogil=True, inline="always", cache=True)
+def _row_tok2(block, dot, bpb, w, o, nb, xq, d4, s4, g, t0, t1):
+    """``_row_tok4`` for two tokens, lanes 0 and 1 of group g: a 2-token remainder (a 1-draft
+    speculative verification) would otherwise pay for four tokens, or decode the row twice."""
+    a0, a1 = vzero(), vzero()
+    bias = vzero()
+    for b in range(nb):
+        q, dw, m = block(w, o + b * bpb)
+        k = (g * nb + b) * 4
+        s0, s1, _, _ = vbroadcast4(vmul(vsplat(dw), vload(d4, k)))
+        a0 = vfma(dot(q, load_i8x32(xq, (t0 * nb + b) * QK)), s0, a0)
+        a1 = vfma(dot(q, load_i8x32(xq, (t1 * nb + b) * QK)), s1, a1)
+        bias = vfma(vsplat(m), vload(s4, k), bias)
+    b0, b1, _, _ = vfirst4(bias)
+    return vhsum(a0) + b0, vhsum(a1) + b1
+
+
+@njit(nogil=True, inline="always", cache=True)
+def _group_scales(n, nb, dx, xs, d4, s4):
+    """d4/s4[(g * nb + b) * 4 + j] = dx/xs of token min(4g + j, n - 1), block b: the scales
+    of a group of four tokens side by side (``_row_tok4``); 8 zeros pad the end, as the
+    kernel loads eight lanes."""
+    for g in range((n + 3) // 4):
+        for j in range(4):
+            t = min(4 * g + j, n - 1)
+            for b in range(nb):
+                d4[(g * nb + b) * 4 + j] = dx[t * nb + b]
+                s4[(g * nb + b) * 4 + j] = xs[t * nb + b]
+    for i in range((n + 3) // 4 * nb * 4, d4.shape[0]):
+        d4[i] = 0.0
+        s4[i] = 0.0
 
 
 @njit(nogil=True, inline="always", cache=True)
@@ -182,19 +224,38 @@ def matmul_blocks(block, dot, bpb, w, cols, X, out, r0, r1):
     dx = np.empty(n * nb, np.float32)
     xs = np.empty(n * nb, np.float32)
     quantize_activations(X, n, cols, xq, dx, xs)
+    d4 = np.empty((n + 3) // 4 * nb * 4 + 8, np.float32)
+    s4 = np.empty_like(d4)
+    _group_scales(n, nb, dx, xs, d4, s4)
     rb = nb * bpb
-    # Matvec's pairing of rows and its per-block steps (``_block_step``), four tokens per pass
-    # over each block: every token's result equals its matvec bit for bit, so prompt
-    # evaluation and speculative verification reproduce one-token decoding exactly (and
+    # Every (row, token) sum takes matvec's per-block steps (``_block_step``), four tokens per
+    # pass over each row's blocks: every token's result equals its matvec bit for bit, so
+    # prompt evaluation and speculative verification reproduce one-token decoding exactly (and
     # llama.cpp's, whose prompt evaluation of these formats is the same per-token dot product).
-    # The two rows stay in L1 across the tokens: the weights are read from memory once.
+    # The row pair stays in L1 across the tokens: the weights are read from memory once.
+    # A remainder of 3 tokens runs the 4-token kernel with a token repeated, one of 2 the
+    # 2-token kernel, one of 1 matvec's.
+    n4 = (n + 1) // 4 * 4
     for r in range(r0, r1, 2):
         r2 = min(r + 1, r1 - 1)
-        for t in range(0, n, 4):
+        o0, o1 = r * rb, r2 * rb
+        for t in range(0, n4, 4):
             t1, t2, t3 = min(t + 1, n - 1), min(t + 2, n - 1), min(t + 3, n - 1)
-            (out[t, r], out[t1, r], out[t2, r], out[t3, r],
-             out[t, r2], out[t1, r2], out[t2, r2], out[t3, r2]) = _rows2_tok4(
-                block, dot, bpb, w, r * rb, r2 * rb, nb, xq, cols, dx, xs, t, t1, t2, t3)
+            g = t // 4
+            out[t, r], out[t1, r], out[t2, r], out[t3, r] = _row_tok4(
+                block, dot, bpb, w, o0, nb, xq, d4, s4, g, t, t1, t2, t3)
+            if r2 != r:
+                out[t, r2], out[t1, r2], out[t2, r2], out[t3, r2] = _row_tok4(
+                    block, dot, bpb, w, o1, nb, xq, d4, s4, g, t, t1, t2, t3)
+        t = min(n4, n)
+        if n - t == 2:
+            out[t, r], out[t + 1, r] = _row_tok2(block, dot, bpb, w, o0, nb, xq, d4, s4, t // 4, t, t + 1)
+            if r2 != r:
+                out[t, r2], out[t + 1, r2] = _row_tok2(block, dot, bpb, w, o1, nb, xq, d4, s4, t // 4, t, t + 1)
+            t = n
+        while t < n:
+            out[t, r], out[t, r2] = _rows2_tok1(block, dot, bpb, w, o0, o1, nb, xq, t * cols, dx, xs, t * nb)
+            t += 1
 
 
 # ---------------------------------------------------------------------------------------------

@@ -172,6 +172,33 @@ def vfma(typingctx, a, b, c):
 
 
 @intrinsic
+def vmul(typingctx, a, b):
+    """a * b, lane-wise (each lane rounded as the scalar product is)."""
+    return f32x8(f32x8, f32x8), lambda context, builder, sig, args: builder.fmul(args[0], args[1])
+
+
+@intrinsic
+def vbroadcast4(typingctx, a):
+    """(splat(a[0]), .., splat(a[3])): four f32x8, each with every lane = one of a's first four."""
+    def codegen(context, builder, sig, args):
+        v = args[0]
+        return context.make_tuple(builder, sig.return_type,
+                                  [builder.shuffle_vector(v, v, _lanes([j] * 8)) for j in range(4)])
+
+    return types.UniTuple(f32x8, 4)(f32x8), codegen
+
+
+@intrinsic
+def vfirst4(typingctx, a):
+    """(a[0], a[1], a[2], a[3]) as float32 scalars."""
+    def codegen(context, builder, sig, args):
+        return context.make_tuple(builder, sig.return_type,
+                                  [builder.extract_element(args[0], ir.Constant(_I32, j)) for j in range(4)])
+
+    return types.UniTuple(types.float32, 4)(f32x8), codegen
+
+
+@intrinsic
 def vhsum(typingctx, a):
     """Sum of the 8 lanes as float32 (fixed association order)."""
     return types.float32(f32x8), lambda context, builder, sig, args: _hsum8(builder, args[0])

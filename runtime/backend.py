@@ -38,6 +38,13 @@ class Backend(Protocol):
         """
         ...
 
+    def forward_lazy(self, tokens: Sequence[int], cache: KVCache) -> Sequence[np.ndarray]:
+        """``forward(tokens, cache, logits_from=0)`` for speculative verification: row ``j`` of
+        the result is token j's logits, and a backend may compute a row only when it is read
+        -- greedy verification stops reading at the first rejected draft, and the output head
+        is a large share of a step on a small model. The rows are the same, bit for bit."""
+        ...
+
     @property
     def weights_nbytes(self) -> int: ...
 

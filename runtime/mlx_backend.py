@@ -185,6 +185,10 @@ class MLXBackend:
             out[start - logits_from:start - logits_from + logits.shape[0]] = logits
         return out
 
+    def forward_lazy(self, tokens: Sequence[int], cache: KVCache) -> np.ndarray:
+        """See ``Backend.forward_lazy``: MLX evaluates the whole graph at once, so every row."""
+        return self.forward(tokens, cache, logits_from=0)
+
     def _forward_chunk(self, toks: np.ndarray, cache, logits_from: int, skip: frozenset[int]) -> np.ndarray:
         from ..kernels.mlx_forward import forward
 

@@ -33,7 +33,7 @@ from .gguf import GGUFFile
 from .numba_backend import NumbaBackend
 from .sampling import Sampler, SamplingParams, stream_text
 from .spec_calibrate import Calibration, calibrate, calibration_text, load_calibration, save_calibration
-from .speculative import SelfDrafter, Speculator, check_mode
+from .speculative import LookupOdds, PassCosts, SelfDrafter, Speculator, check_mode
 from .tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -92,6 +92,8 @@ class Model:
         self.speculative = check_mode(speculative)
         self._calibration: Calibration | None = None
         self._calibration_read = False
+        self._lookup_odds = LookupOdds()             # prompt lookup's acceptance, learned across calls
+        self._pass_costs: PassCosts | None = None     # verification pass costs, learned likewise
         self.last_stats = GenerationStats()
 
     # ---- tokens ----
@@ -155,10 +157,12 @@ class Model:
         if mode == "off":
             return None
         drafter, k = None, 4
-        cal = self.calibration(create=mode == "self") if mode in ("self", "auto") else None
-        if cal is not None and cal.skip and (mode == "self" or cal.pays):
+        cal = self.calibration(create=mode == "self")
+        if cal is not None and cal.skip and mode in ("self", "auto") and (mode == "self" or cal.pays):
             drafter, k = SelfDrafter(frozenset(cal.skip)), max(1, cal.draft_len)
-        return Speculator(mode, drafter, ids, self_draft=k)
+        if self._pass_costs is None:  # what lookup learns is kept across this model's generations
+            self._pass_costs = PassCosts(cal.verify_cost if cal is not None else None)
+        return Speculator(mode, drafter, ids, self_draft=k, odds=self._lookup_odds, costs=self._pass_costs)
 
     def _complete(self, ids: list[int], params: SamplingParams, max_tokens: int,
                   stop: Sequence[str], speculative: str = "off") -> Iterator[str]:

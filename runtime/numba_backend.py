@@ -9,6 +9,7 @@ from ..kernels.forward import (
     C_BIAS, C_DIM, C_FLOAT_ACT, C_HEAD_DIM, C_HEADS, C_HIDDEN, C_KV_HEADS, C_LAYERS, C_NEOX, C_ROPE_DIM,
     C_VOCAB,
     forward_worker,
+    head_worker,
 )
 from ..kernels.attention import QUERY_BLOCK, V_PARTS, padded_slots
 from ..kernels.ggml_math import rope_table
@@ -180,6 +181,25 @@ class NumbaBackend:
             self._forward_chunk(toks[c0:c1], cache, lf, out[start - logits_from:end - logits_from], skip)
         return out
 
+    def forward_lazy(self, tokens: Sequence[int], cache: KVCache) -> "LazyLogits":
+        """``forward(tokens, cache, logits_from=0)`` with the output head run only for the rows
+        that are read (see ``Backend.forward_lazy``); at most ``MAX_BATCH`` tokens."""
+        toks, _ = check_forward(tokens, cache, 0, self.args.vocab_size)
+        n = len(toks)
+        if not 0 < n <= MAX_BATCH:
+            raise ValueError(f"forward_lazy takes 1 to {MAX_BATCH} tokens, got {n}")
+        if not isinstance(cache, SlotKVCache):
+            raise TypeError(f"the numba backend needs its own cache (new_cache()), got {type(cache).__name__}")
+        xn = self._forward_chunk(toks, cache, 0, np.empty((0, self.args.vocab_size), np.float32),
+                                 self._skip_mask(frozenset()), head=False)
+        return LazyLogits(self, xn)
+
+    def head(self, xn: np.ndarray) -> np.ndarray:
+        """Logits [n, vocab] of final-normed rows ``xn`` [n, dim] (``forward_lazy``'s rows)."""
+        logits = np.empty((xn.shape[0], self.args.vocab_size), dtype=np.float32)
+        self.team.run(head_worker, self._blob, self._gtab, self._icfg, xn, logits)
+        return logits
+
     def _skip_mask(self, skip_layers: frozenset[int]) -> np.ndarray:
         """uint8 [n_layers] mask of the layers to skip (cached per set: a draft step allocates nothing)."""
         mask = self._skip_masks.get(skip_layers)
@@ -193,7 +213,9 @@ class NumbaBackend:
         return mask
 
     def _forward_chunk(self, toks: np.ndarray, cache: SlotKVCache, logits_from: int, logits: np.ndarray,
-                       skip: np.ndarray) -> None:
+                       skip: np.ndarray, head: bool = True) -> np.ndarray | None:
+        """One pass of at most MAX_BATCH tokens; without ``head``, returns a copy of the final-
+        normed rows of tokens logits_from .. n-1 instead of writing their logits."""
         n = len(toks)
         pos0 = cache.reserve(n)
         positions = np.arange(pos0, pos0 + n)
@@ -204,8 +226,41 @@ class NumbaBackend:
         self.team.run(forward_worker, self._blob, self._wtab, self._gtab, self._norms, self._bias,
                       self._out_norm, self._icfg, self._eps, skip, toks, pos0, cos, sin, cos_s, sin_s,
                       cache.k, cache.v, cache.rk, cache.rv, cache.kvcfg(sink_pos is not None), cache.pending_slots,
-                      cache.slot_pos, x, xb, q, qs, *rest, logits_from, logits)
+                      cache.slot_pos, x, xb, q, qs, *rest, logits_from, int(head), logits)
         cache.update(n)
+        return None if head else xb[:n - logits_from].copy()
 
     def close(self) -> None:
         self.team.close()
+
+
+class LazyLogits:
+    """The logits rows of a ``forward_lazy`` pass, each computed when first read.
+
+    Row 0 is computed alone and any later row together with every row after it: in speculative
+    verification row 0 is always needed and the first draft is the one most often rejected,
+    while once a draft is accepted the next rows usually are needed too, and one batched head
+    reads the (large) output matrix once for all of them.
+    """
+
+    def __init__(self, backend: NumbaBackend, xn: np.ndarray):
+        self._backend = backend
+        self._xn = xn                                  # f32 [n, dim] final-normed rows
+        self._rows: list[np.ndarray | None] = [None] * len(xn)
+        self.computed = 0                              # rows whose logits were computed
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __getitem__(self, j: int) -> np.ndarray:
+        if not -len(self._rows) <= j < len(self._rows):
+            raise IndexError(f"row {j} of {len(self._rows)}")
+        j %= len(self._rows)
+        if self._rows[j] is None:
+            j1 = j + 1 if j == 0 else len(self._rows)
+            logits = self._backend.head(self._xn[j:j1])
+            for i in range(j, j1):
+                if self._rows[i] is None:
+                    self._rows[i] = logits[i - j]
+                    self.computed += 1
+        return self._rows[j]

@@ -39,7 +39,7 @@ from .backend import Backend
 from .paths import edgelm_home
 from .speculative import MAX_DRAFT
 
-CALIBRATION_VERSION = 1
+CALIBRATION_VERSION = 2  # 2: verification costs of the int8 batched kernels (tok2 remainder, lazy head)
 PAYS = 1.05  # predicted speedup below which auto mode does not draft with skipped layers
 
 

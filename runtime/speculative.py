@@ -15,11 +15,17 @@ Two drafters (``SelfDrafter``, ``LookupDrafter``):
   ``ThresholdTuner`` moves online from the observed acceptance rate (Draft & Verify's rule).
 * lookup: the tokens that followed the latest earlier occurrence of the text's last n-gram, in
   the prompt or the output so far (prompt lookup decoding): free to draft, and right whenever the
-  output copies the input -- summaries, edits, retrieval-augmented answers.
+  output copies the input -- summaries, edits, retrieval-augmented answers. Verifying a draft
+  is not free, so a match is drafted only as far as it pays: ``LookupOdds`` estimates how
+  likely each draft token is to be accepted from the length of the match behind it,
+  ``PassCosts`` what a pass of n tokens costs, and ``lookup_draft_len`` picks the length with
+  the most expected tokens per second -- often none.
 
 Exactness. Greedy: a draft is accepted iff it is the argmax of the model's logits at its
 position, and a verification pass of up to 8 tokens computes every token's logits bit for bit
 as one-token decoding does (``Backend.forward``), so the output is identical token for token.
+The pass computes the output head only for the rows read (``Backend.forward_lazy``): greedy
+verification stops reading at the first rejected draft.
 Sampling: draft d drawn from the drafter's distribution q is accepted with probability
 min(1, p(d) / q(d)), else the token is drawn from norm(max(0, p - q)) -- the standard rule
 (Leviathan et al., Chen et al.), so every token is distributed exactly as plain sampling's. p
@@ -40,6 +46,7 @@ import numpy as np
 from .backend import Backend
 from .kv_cache import KVCache
 from .sampling import Sampler
+from .spec_lookup import LookupDrafter, LookupOdds, lookup_draft_len
 
 SPECULATIVE_MODES = ("off", "self", "lookup", "auto")
 MAX_DRAFT = 7  # verification batches of up to 8 tokens reproduce one-token decoding exactly
@@ -82,48 +89,6 @@ class SpecStats:
 
 # ---------------------------------------------------------------------------------------------
 # drafters
-
-
-class LookupDrafter:
-    """Prompt lookup: continue the last n-gram of the text as it continued the last time.
-
-    An index maps every n-gram (n = ``min_ngram`` .. ``max_ngram``) of the history to where it
-    last ended, excluding the history's own last position, so a lookup is O(max_ngram) and the
-    index grows by O(max_ngram) per token.
-    """
-
-    def __init__(self, max_ngram: int = 3, min_ngram: int = 2):
-        if not 1 <= min_ngram <= max_ngram:
-            raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
-        self.max_ngram, self.min_ngram = max_ngram, min_ngram
-        self._tokens: list[int] = []
-        self._index: dict[tuple[int, ...], int] = {}
-
-    def reset(self, tokens: Sequence[int]) -> None:
-        self._tokens = []
-        self._index = {}
-        self.extend(tokens)
-
-    def extend(self, tokens: Sequence[int]) -> None:
-        h = self._tokens
-        for tok in tokens:
-            end = len(h) - 1  # the n-grams ending at the old last position become searchable
-            if end >= 0:
-                for n in range(self.min_ngram, self.max_ngram + 1):
-                    if end - n + 1 >= 0:
-                        self._index[tuple(h[end - n + 1:end + 1])] = end
-            h.append(int(tok))
-
-    def draft(self, k: int) -> list[int]:
-        """Up to ``k`` tokens that followed the longest matching earlier n-gram ([] if none)."""
-        h = self._tokens
-        for n in range(self.max_ngram, self.min_ngram - 1, -1):
-            if len(h) < n:
-                continue
-            end = self._index.get(tuple(h[len(h) - n:]))
-            if end is not None:
-                return h[end + 1:end + 1 + k]
-        return []
 
 
 class SelfDrafter:
@@ -253,7 +218,8 @@ def verify(backend: Backend, cache: KVCache, token: int, drafts: list[int],
     drafts, and ``next_token`` (not in the cache) is sampled from the model.
     """
     k = len(drafts)
-    rows = backend.forward([token] + drafts, cache, logits_from=0)  # [k + 1, vocab]
+    # [k + 1][vocab]; rows past the first rejection need not be computed (Backend.forward_lazy)
+    rows = backend.forward_lazy([token] + drafts, cache) if k else backend.forward([token], cache)
     ctx = history + [token]
     accepted, nxt = k, -1
     for j in range(k):
@@ -307,16 +273,45 @@ def _draw_residual(sampler: Sampler, ids: np.ndarray, p: np.ndarray, q_ids: np.n
 # the decoder
 
 
+class PassCosts:
+    """The time of an n-token pass over a plain decoding step's, n = 1 .. MAX_DRAFT + 1.
+
+    Starts from a prior -- the calibration's measurement when the model has one, else
+    1 + 0.6 (n - 1), what a 2-core CPU gives when the int8 dot products bound a step -- and
+    follows the rounds actually timed (moving averages), so it fits the machine and its load.
+    """
+
+    def __init__(self, prior: Sequence[float] | None = None):
+        if prior is not None and len(prior) != MAX_DRAFT + 1:
+            raise ValueError(f"need {MAX_DRAFT + 1} pass costs, got {len(prior)}")
+        self.rel = [float(c) for c in prior] if prior is not None else \
+            [1.0 + 0.6 * i for i in range(MAX_DRAFT + 1)]
+        self.plain_s = 0.0  # EMA seconds of a plain step
+
+    def plain(self, seconds: float) -> None:
+        self.plain_s = seconds if self.plain_s == 0.0 else 0.8 * self.plain_s + 0.2 * seconds
+
+    def round(self, n: int, seconds: float) -> None:
+        if self.plain_s > 0.0 and n > 1:
+            self.rel[n - 1] = 0.8 * self.rel[n - 1] + 0.2 * seconds / self.plain_s
+
+
 class Speculator:
     """Runs rounds of drafting and verification for one generation (see the module docstring).
 
     ``mode``: "self" (layer-skip drafts), "lookup" (prompt lookup), or "auto" (lookup when the
     text has a match, else self drafting when the model's calibration says it pays, and plain
     decoding whenever the ``Pacer`` finds speculation slower than plain decoding).
+
+    A lookup match is drafted only as far as it is expected to pay: ``odds`` (per match
+    length) and ``costs`` (per pass size) give the draft length with the most tokens per
+    second (``lookup_draft_len``), often none at all. Both learn as rounds go; pass the same
+    objects to the next generation to keep what they learned.
     """
 
     def __init__(self, mode: str, drafter: SelfDrafter | None, history: Sequence[int],
-                 self_draft: int = 4, stats: SpecStats | None = None):
+                 self_draft: int = 4, stats: SpecStats | None = None,
+                 odds: LookupOdds | None = None, costs: PassCosts | None = None):
         self.mode = check_mode(mode)
         if mode == "off":
             raise ValueError("speculative='off' decodes without a Speculator")
@@ -327,14 +322,20 @@ class Speculator:
         if self.lookup is not None:
             self.lookup.reset(history)
         self.self_draft = max(1, min(MAX_DRAFT, self_draft))
-        # Lookup drafts start at 3 tokens and grow while whole drafts are accepted: on these
-        # 2-core CPUs each verified token costs ~0.6 of a decoding step (the dot products, not
-        # the weight reads, bound a step), so long drafts pay only inside a copied passage.
-        self.lookup_draft = 3
+        self.odds = odds if odds is not None else LookupOdds()
+        self.costs = costs if costs is not None else PassCosts()
         self.tuner = ThresholdTuner()
         self.pacer = Pacer() if mode == "auto" else None
         self.stats = stats if stats is not None else SpecStats()
         self._draft_cost = 0.5  # a draft step's time relative to a plain step (measured as we go)
+
+    def _lookup_drafts(self, k: int) -> tuple[list[int], int]:
+        """The lookup drafts worth verifying (at most ``k``) and their match length."""
+        cont, length = self.lookup.match(k)
+        if not cont:
+            return [], 0
+        n = lookup_draft_len([self.odds.p(length + j) for j in range(len(cont))], self.costs.rel)
+        return cont[:n], length
 
     def step(self, backend: Backend, cache: KVCache, token: int, history: list[int], sampler: Sampler,
              budget: int) -> tuple[list[int], int]:
@@ -349,11 +350,11 @@ class Speculator:
         t0 = time.perf_counter()
         drafts: list[int] = []
         dists = None
-        source = ""
+        source, match_len = "", 0
         if self.lookup is not None:
             self.lookup.extend([token])
         if k > 0 and self.lookup is not None:
-            drafts = self.lookup.draft(min(k, self.lookup_draft))
+            drafts, match_len = self._lookup_drafts(k)
             source = "lookup" if drafts else ""
         if k > 0 and not drafts and self.drafter is not None:
             t_draft = time.perf_counter()
@@ -366,10 +367,13 @@ class Speculator:
         if not drafts:
             accepted, nxt = verify(backend, cache, token, [], None, history, sampler)
             self.stats.plain_steps += 1
+            seconds = time.perf_counter() - t0
+            self.costs.plain(seconds)
             if self.pacer is not None:
-                self.pacer.plain_step(time.perf_counter() - t0)
+                self.pacer.plain_step(seconds)
         else:
             accepted, nxt = verify(backend, cache, token, drafts, dists, history, sampler)
+            seconds = time.perf_counter() - t0
             st = self.stats
             st.rounds += 1
             st.drafted += len(drafts)
@@ -379,9 +383,10 @@ class Speculator:
                 self.tuner.update(len(drafts), accepted, self._draft_cost)
             else:
                 st.lookup_rounds += 1
-                self.lookup_draft = min(MAX_DRAFT, self.lookup_draft + 2) if accepted == len(drafts) else 3
+                self.odds.update(match_len, len(drafts), accepted)
+                self.costs.round(len(drafts) + 1, seconds)
             if self.pacer is not None:
-                self.pacer.round(time.perf_counter() - t0, accepted + 1)
+                self.pacer.round(seconds, accepted + 1)
                 st.paused = self.pacer.paused
         out = drafts[:accepted]
         if self.lookup is not None:

@@ -19,7 +19,8 @@ from edgelm.runtime.spec_calibrate import (
     Calibration, best_draft_len, calibrate, expected_tokens, load_calibration, save_calibration,
 )
 from edgelm.runtime.speculative import (
-    MAX_DRAFT, LookupDrafter, Pacer, SelfDrafter, Speculator, ThresholdTuner, check_mode,
+    MAX_DRAFT, LookupDrafter, LookupOdds, Pacer, PassCosts, SelfDrafter, Speculator, ThresholdTuner, check_mode,
+    lookup_draft_len,
 )
 
 PROMPTS = [
@@ -63,6 +64,38 @@ def test_lookup_drafts_what_followed_the_last_ngram():
     assert d.draft(2) == [9, 0]  # the most recent occurrence wins
     d.reset([4, 1, 2, 3, 5, 1, 2, 3])
     assert d.draft(1) == [5]  # the longest n-gram ("1 2 3")
+
+
+def test_lookup_match_length_counts_the_agreeing_tokens_before_the_ngram():
+    d = LookupDrafter(max_ngram=3, min_ngram=2)
+    d.reset([7, 8, 1, 2, 3, 4, 5, 6, 8, 1, 2, 3])
+    assert d.match(2) == ([4, 5], 4)  # "8 1 2 3" agrees; 7 != 6 ends it
+    d.reset([9, 2, 3, 4, 1, 2, 3])
+    assert d.match(5) == ([4, 1, 2, 3], 2)  # the continuation stops at the text's end
+    d.reset([1, 2, 3])
+    assert d.match(3) == ([], 0)
+
+
+def test_lookup_odds_learn_per_match_length():
+    o = LookupOdds()
+    assert o.p(2) < o.p(5) < o.p(30)  # the priors: longer matches are better hints
+    p2, p10 = o.p(2), o.p(10)
+    for _ in range(50):
+        o.update(2, drafted=3, accepted=0)  # 2-token matches: the first draft always rejected
+        o.update(10, drafted=3, accepted=3)  # 10+: all accepted
+    assert o.p(2) < 0.1 < p2 and o.p(10) > 0.9 > p10 and o.p(12) > 0.9
+    o.update(3, drafted=4, accepted=1)  # evidence: 3 accepted, 4 rejected; nothing on 5, 6
+    assert o.tries[o._band(6)] == o.tries[o._band(8)] == LookupOdds.WEIGHT
+
+
+def test_lookup_draft_len_maximizes_expected_tokens_per_second():
+    costs = [1.0 + 0.6 * i for i in range(MAX_DRAFT + 1)]
+    assert lookup_draft_len([0.3] * 7, costs) == 0      # a draft token is worth ~0.6 of a step
+    assert lookup_draft_len([0.99] * 7, costs) == 7      # a copied passage: draft all of it
+    assert lookup_draft_len([0.9, 0.9, 0.1, 0.9], costs) == 2
+    assert lookup_draft_len([0.9] * 3, [1.0] * (MAX_DRAFT + 1)) == 3  # free verification
+    with pytest.raises(ValueError):
+        PassCosts([1.0, 1.5])
 
 
 def test_modes_and_models_errors():
@@ -141,6 +174,9 @@ class _MarkovBackend:
         rows = np.stack([table[t] for t in tokens])
         return rows[(len(tokens) - 1 if logits_from is None else logits_from):]
 
+    def forward_lazy(self, tokens, cache):
+        return self.forward(tokens, cache, logits_from=0)
+
 
 def _chi2_critical(df: int, z: float = 3.719) -> float:
     """Wilson-Hilferty approximation of the chi-square quantile (z = 3.719: p = 1e-4)."""
@@ -201,7 +237,8 @@ def test_lookup_drafts_keep_the_sampling_distribution():
     rounds = drafted = accepted = 0
     for _ in range(n):
         cache = backend.new_cache(64)
-        spec = Speculator("lookup", None, prompt)
+        # free verification: every match is drafted, to exercise the accept/reject rule
+        spec = Speculator("lookup", None, prompt, costs=PassCosts([1.0] * (MAX_DRAFT + 1)))
         out = list(generate_tokens(backend, cache, prompt, [], sampler, 4, frozenset(), GenerationStats(), spec))
         observed[out[1], out[2]] += 1
         rounds += spec.stats.lookup_rounds
@@ -233,7 +270,7 @@ def _batch_equals_decode(m, kv_bits=16):
     prompt = m.tokenize("The history of the Roman empire is long and complicated. It begins", add_bos=True)
     for pre in (len(prompt) + 50,):
         filler = list(range(400, 400 + pre - len(prompt)))
-        for n in (3, 8):
+        for n in (2, 3, 5, 8):  # the 4-token kernel, and the 2- and 1-token remainders
             cont = list(range(700 + n, 700 + 2 * n))
             caches = []
             for _ in range(2):
@@ -250,6 +287,30 @@ def _batch_equals_decode(m, kv_bits=16):
 @pytest.mark.parametrize("kv_bits", [16, 8])
 def test_verification_pass_equals_decoding_bit_for_bit(model, kv_bits):
     _batch_equals_decode(model, kv_bits)
+
+
+def test_lazy_verification_rows_equal_the_full_pass(model):
+    """forward_lazy computes the output head only for rows read -- row 0 alone, then the rest
+    together -- and every row equals the full pass's bit for bit."""
+    be = model.backend
+    prompt = model.tokenize("Once upon a time, in a small village by the sea,", add_bos=True)
+    cont = [be.args.vocab_size - 1 - i * 97 for i in range(6)]
+    full_cache, lazy_cache = be.new_cache(64), be.new_cache(64)
+    for c in (full_cache, lazy_cache):
+        be.forward(prompt, c)
+    full = be.forward(cont, full_cache, logits_from=0)
+    rows = be.forward_lazy(cont, lazy_cache)
+    assert lazy_cache.offset == full_cache.offset and len(rows) == len(cont)
+    assert rows.computed == 0
+    assert np.array_equal(rows[0], full[0]) and rows.computed == 1
+    assert np.array_equal(rows[1], full[1]) and rows.computed == len(cont)
+    for j in range(len(cont)):
+        assert np.array_equal(rows[j], full[j]), j
+    assert np.array_equal(rows[-1], full[-1])
+    with pytest.raises(IndexError):
+        rows[len(cont)]
+    with pytest.raises(ValueError, match="forward_lazy takes"):
+        be.forward_lazy([], lazy_cache)
 
 
 @pytest.mark.parametrize("kind", ["q8_0", "q4_k_m"])

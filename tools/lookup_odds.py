@@ -1,0 +1,60 @@
+"""How often a prompt-lookup draft is right, by the length of the match behind it: the data
+behind ``runtime.speculative.LookupOdds.PRIOR``.
+
+Runs the bench's prompts (``edgelm bench --speculative``: 10 chat, 5 summarize) greedily with
+plain decoding, then replays each output through a ``LookupDrafter``: at every generated
+position with a match, is the token the match proposes the one the model produced? Prints the
+hit rate per band of match lengths, and what speculation could gain at most.
+
+    python tools/lookup_odds.py [--model M] [--tokens 128]
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import edgelm
+from edgelm.apps.bench_spec import CHAT_PROMPTS, summarize_prompts
+from edgelm.runtime.speculative import LookupDrafter, LookupOdds
+
+TEXT = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "wikitext-2-eval.txt"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--text-file", type=Path, default=TEXT)
+    args = ap.parse_args()
+    m = edgelm.load(args.model, speculative="off")
+    bands = LookupOdds.BANDS
+    for name, prompts in (("chat", CHAT_PROMPTS), ("summarize", summarize_prompts(args.text_file))):
+        hits = [0] * len(bands)
+        tries = [0] * len(bands)
+        positions = 0
+        for prompt in prompts:
+            "".join(m.chat([{"role": "user", "content": prompt}], max_tokens=args.tokens, temperature=0.0))
+            history = list(m._history)  # prompt + output (all but the last sampled token)
+            ids, out = history[:m.last_stats.prompt_tokens], history[m.last_stats.prompt_tokens:]
+            d = LookupDrafter()
+            d.reset(ids)
+            for tok in out:
+                cont, length = d.match(1)
+                if cont:
+                    b = max(0, sum(1 for e in bands if e <= length) - 1)
+                    tries[b] += 1
+                    hits[b] += cont[0] == tok
+                positions += 1
+                d.extend([tok])
+        print(f"\n{name}: {positions} generated positions, {sum(tries)} with a match")
+        print("| match length | positions | draft right |")
+        print("|---|---|---|")
+        for i, e in enumerate(bands):
+            hi = f"-{bands[i + 1] - 1}" if i + 1 < len(bands) else "+"
+            rate = f"{hits[i] / tries[i]:.0%}" if tries[i] else "-"
+            print(f"| {e}{hi} | {tries[i]} | {rate} |")
+    m.close()
+
+
+if __name__ == "__main__":
+    main()
