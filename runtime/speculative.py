@@ -328,13 +328,17 @@ class Speculator:
         self.pacer = Pacer() if mode == "auto" else None
         self.stats = stats if stats is not None else SpecStats()
         self._draft_cost = 0.5  # a draft step's time relative to a plain step (measured as we go)
+        self._hits = self._expected = 0.0  # this text's accepted lookup drafts, and as predicted
 
     def _lookup_drafts(self, k: int) -> tuple[list[int], int]:
         """The lookup drafts worth verifying (at most ``k``) and their match length."""
         cont, length = self.lookup.match(k)
         if not cont:
             return [], 0
-        n = lookup_draft_len([self.odds.p(length + j) for j in range(len(cont))], self.costs.rel)
+        # The model-wide odds, scaled by how this text's drafts have fared against them so far
+        # (a text whose matches keep being wrong -- a list of similar items -- backs off fast).
+        f = (self._hits + 2.0) / (self._expected + 2.0)
+        n = lookup_draft_len([min(1.0, f * self.odds.p(length + j)) for j in range(len(cont))], self.costs.rel)
         return cont[:n], length
 
     def step(self, backend: Backend, cache: KVCache, token: int, history: list[int], sampler: Sampler,
@@ -383,6 +387,9 @@ class Speculator:
                 self.tuner.update(len(drafts), accepted, self._draft_cost)
             else:
                 st.lookup_rounds += 1
+                for j in range(min(len(drafts), accepted + 1)):  # the evidence LookupOdds.update takes
+                    self._expected += self.odds.p(match_len + j)
+                    self._hits += 1.0 if j < accepted else 0.0
                 self.odds.update(match_len, len(drafts), accepted)
                 self.costs.round(len(drafts) + 1, seconds)
             if self.pacer is not None:

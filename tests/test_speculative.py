@@ -98,6 +98,14 @@ def test_lookup_draft_len_maximizes_expected_tokens_per_second():
         PassCosts([1.0, 1.5])
 
 
+def test_lookup_backs_off_on_a_text_whose_drafts_fail():
+    spec = Speculator("lookup", None, [1, 2, 3, 4, 1, 2, 3, 4, 1, 2], costs=PassCosts())
+    spec.lookup.extend([3])
+    assert spec._lookup_drafts(4)[0]  # a 7-token match: worth drafting
+    spec._hits, spec._expected = 0.0, 10.0  # this text: ten acceptances predicted, none came
+    assert spec._lookup_drafts(4)[0] == []
+
+
 def test_modes_and_models_errors():
     assert check_mode("auto") == "auto"
     with pytest.raises(ValueError, match="speculative must be one of"):
