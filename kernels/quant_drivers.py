@@ -112,7 +112,8 @@ def quantize_activations(X, n, cols, xq, dx, xs):
 def _block_step(dot, qa, da, ma, qb, db, mb, xq, qo, d, s, acc0, acc1, bias0, bias1):
     """One 32-weight block of two rows times one token's quantized block (quants at xq[qo],
     scale d, Q8_1 sum s): the steps every (row, token) sum takes per block, in llama.cpp's
-    order. Shared by the one- and four-token kernels, so their sums agree bit for bit."""
+    order. The multi-token kernels take the same steps with the tokens' scale products and
+    m * s terms in vector lanes, so their sums agree with these bit for bit."""
     y = load_i8x32(xq, qo)
     return (vfma(dot(qa, y), vsplat(da * d), acc0), vfma(dot(qb, y), vsplat(db * d), acc1),
             sfma(ma, s, bias0), sfma(mb, s, bias1))

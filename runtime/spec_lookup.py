@@ -92,16 +92,20 @@ class LookupOdds:
         b = self._band(length)
         return self.hits[b] / self.tries[b]
 
-    def update(self, length: int, drafted: int, accepted: int) -> None:
+    def update(self, length: int, drafted: int, accepted: int) -> tuple[float, float]:
         """A round drafted ``drafted`` tokens from a match of ``length`` and the model accepted
-        the first ``accepted``: tokens up to and including the first rejection are evidence."""
-        for j in range(min(drafted, accepted + 1)):
+        the first ``accepted``: tokens up to and including the first rejection are evidence.
+        Returns (acceptances predicted for that evidence before this update, acceptances seen)."""
+        evidence = range(min(drafted, accepted + 1))
+        predicted = sum(self.p(length + j) for j in evidence)
+        for j in evidence:
             b = self._band(length + j)
             if self.tries[b] >= self.MEMORY:
                 self.hits[b] *= 0.5
                 self.tries[b] *= 0.5
             self.tries[b] += 1.0
             self.hits[b] += 1.0 if j < accepted else 0.0
+        return predicted, float(min(accepted, drafted))
 
 
 def lookup_draft_len(odds: Sequence[float], costs: Sequence[float]) -> int:

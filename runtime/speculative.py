@@ -387,10 +387,9 @@ class Speculator:
                 self.tuner.update(len(drafts), accepted, self._draft_cost)
             else:
                 st.lookup_rounds += 1
-                for j in range(min(len(drafts), accepted + 1)):  # the evidence LookupOdds.update takes
-                    self._expected += self.odds.p(match_len + j)
-                    self._hits += 1.0 if j < accepted else 0.0
-                self.odds.update(match_len, len(drafts), accepted)
+                predicted, seen = self.odds.update(match_len, len(drafts), accepted)
+                self._expected += predicted
+                self._hits += seen
                 self.costs.round(len(drafts) + 1, seconds)
             if self.pacer is not None:
                 self.pacer.round(seconds, accepted + 1)

@@ -1,10 +1,10 @@
 """How often a prompt-lookup draft is right, by the length of the match behind it: the data
-behind ``runtime.speculative.LookupOdds.PRIOR``.
+behind ``runtime.spec_lookup.LookupOdds.PRIOR``.
 
 Runs the bench's prompts (``edgelm bench --speculative``: 10 chat, 5 summarize) greedily with
 plain decoding, then replays each output through a ``LookupDrafter``: at every generated
 position with a match, is the token the match proposes the one the model produced? Prints the
-hit rate per band of match lengths, and what speculation could gain at most.
+hit rate per band of match lengths (``LookupOdds``' bands).
 
     python tools/lookup_odds.py [--model M] [--tokens 128]
 """
@@ -28,6 +28,7 @@ def main() -> None:
     args = ap.parse_args()
     m = edgelm.load(args.model, speculative="off")
     bands = LookupOdds.BANDS
+    odds = LookupOdds()  # only for its banding of lengths
     for name, prompts in (("chat", CHAT_PROMPTS), ("summarize", summarize_prompts(args.text_file))):
         hits = [0] * len(bands)
         tries = [0] * len(bands)
@@ -41,7 +42,7 @@ def main() -> None:
             for tok in out:
                 cont, length = d.match(1)
                 if cont:
-                    b = max(0, sum(1 for e in bands if e <= length) - 1)
+                    b = odds._band(length)
                     tries[b] += 1
                     hits[b] += cont[0] == tok
                 positions += 1
