@@ -237,11 +237,16 @@ class NumbaBackend:
 class LazyLogits:
     """The logits rows of a ``forward_lazy`` pass, each computed when first read.
 
-    Row 0 is computed alone and any later row together with every row after it: in speculative
-    verification row 0 is always needed and the first draft is the one most often rejected,
-    while once a draft is accepted the next rows usually are needed too, and one batched head
-    reads the (large) output matrix once for all of them.
+    Rows are computed in chunks of ``HEAD_CHUNK``: the first read of row j computes rows j ..
+    j + 3 together. The output head (49152 x 576 on the default model) is bound by reading its
+    matrix, not by arithmetic: a pass over it for one row costs ~0.22 of a decoding step, for
+    four rows ~0.33, for eight ~0.65 (``tools/spec_bound.py`` prints the pass costs). Computing
+    row 0 alone and the rest later reads the matrix twice whenever the first draft is accepted
+    -- most rounds -- while a chunk of four costs one read; past the chunk, a rejected draft
+    saves the rest.
     """
+
+    HEAD_CHUNK = 4
 
     def __init__(self, backend: NumbaBackend, xn: np.ndarray):
         self._backend = backend
@@ -257,7 +262,7 @@ class LazyLogits:
             raise IndexError(f"row {j} of {len(self._rows)}")
         j %= len(self._rows)
         if self._rows[j] is None:
-            j1 = j + 1 if j == 0 else len(self._rows)
+            j1 = min(len(self._rows), j + self.HEAD_CHUNK)
             logits = self._backend.head(self._xn[j:j1])
             for i in range(j, j1):
                 if self._rows[i] is None:

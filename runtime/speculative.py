@@ -13,10 +13,11 @@ Two drafters (``SelfDrafter``, ``LookupDrafter``):
   evaluated token by token into the real cache and trimmed before verification. Drafting stops
   when the drafter's top probability falls below a confidence threshold, which
   ``ThresholdTuner`` moves online from the observed acceptance rate (Draft & Verify's rule).
-* lookup: the tokens that followed the latest earlier occurrence of the text's last n-gram, in
-  the prompt or the output so far (prompt lookup decoding): free to draft, and right whenever the
-  output copies the input -- summaries, edits, retrieval-augmented answers. Verifying a draft
-  is not free, so a match is drafted only as far as it pays: ``LookupOdds`` estimates how
+* lookup: the tokens that followed an earlier occurrence of the text's last n-gram (the one
+  agreeing with the text for longest), in the prompt or the output so far (prompt lookup
+  decoding): free to draft, and right whenever the output copies the input -- summaries,
+  edits, retrieval-augmented answers. Verifying a draft is not free, so a match is drafted
+  only as far as it pays: ``LookupOdds`` estimates how
   likely each draft token is to be accepted from the length of the match behind it,
   ``PassCosts`` what a pass of n tokens costs, and ``lookup_draft_len`` picks the length with
   the most expected tokens per second -- often none.
@@ -32,8 +33,8 @@ min(1, p(d) / q(d)), else the token is drawn from norm(max(0, p - q)) -- the sta
 and q both come from the full sampling chain (penalties, top-k/top-p/min-p, temperature). A
 lookup draft is a point mass (q(d) = 1).
 
-``Pacer`` (``auto`` mode) times rounds against plain decoding steps and switches speculation
-off for a while, with backoff, when it does not pay for the current prompt.
+``Pacer`` (``auto`` mode) times self-drafted rounds against plain decoding steps and switches
+self drafting off for a while, with backoff, when it does not pay for the current prompt.
 """
 from __future__ import annotations
 
@@ -300,8 +301,8 @@ class Speculator:
     """Runs rounds of drafting and verification for one generation (see the module docstring).
 
     ``mode``: "self" (layer-skip drafts), "lookup" (prompt lookup), or "auto" (lookup when the
-    text has a match, else self drafting when the model's calibration says it pays, and plain
-    decoding whenever the ``Pacer`` finds speculation slower than plain decoding).
+    text has a match worth drafting, else self drafting when the model's calibration says it
+    pays and the ``Pacer`` has not found it slower than plain decoding on this text).
 
     A lookup match is drafted only as far as it is expected to pay: ``odds`` (per match
     length) and ``costs`` (per pass size) give the draft length with the most tokens per
@@ -349,8 +350,6 @@ class Speculator:
         k = min(MAX_DRAFT, budget - 1)
         if cache.n_ctx - cache.offset - 1 < k:  # a bounded cache: stay inside the context
             k = max(0, cache.n_ctx - cache.offset - 1)
-        if self.pacer is not None and not self.pacer.speculate:
-            k = 0
         t0 = time.perf_counter()
         drafts: list[int] = []
         dists = None
@@ -360,7 +359,10 @@ class Speculator:
         if k > 0 and self.lookup is not None:
             drafts, match_len = self._lookup_drafts(k)
             source = "lookup" if drafts else ""
-        if k > 0 and not drafts and self.drafter is not None:
+        # The pacer judges only the self drafter: a lookup draft already pays by its own
+        # estimate (odds x pass costs, both learned from timed rounds), and pausing it would
+        # stop drafting in the middle of a copied passage.
+        if k > 0 and not drafts and self.drafter is not None and (self.pacer is None or self.pacer.speculate):
             t_draft = time.perf_counter()
             drafts, dists = self.drafter.draft(backend, cache, token, history, sampler, min(k, self.self_draft),
                                                self.tuner.threshold)
@@ -391,7 +393,7 @@ class Speculator:
                 self._expected += predicted
                 self._hits += seen
                 self.costs.round(len(drafts) + 1, seconds)
-            if self.pacer is not None:
+            if self.pacer is not None and source == "self":
                 self.pacer.round(seconds, accepted + 1)
                 st.paused = self.pacer.paused
         out = drafts[:accepted]

@@ -61,7 +61,9 @@ def test_lookup_drafts_what_followed_the_last_ngram():
     d.reset([5, 6, 5, 6])
     assert d.draft(4) == [5, 6]  # the latest earlier match (ending at index 1), not itself
     d.reset([1, 2, 8, 1, 2, 9, 0, 1, 2])
-    assert d.draft(2) == [9, 0]  # the most recent occurrence wins
+    assert d.draft(2) == [9, 0]  # equally long matches: the most recent occurrence wins
+    d.reset([6, 1, 2, 8, 1, 2, 9, 6, 1, 2])
+    assert d.match(2) == ([8, 1], 3)  # "6 1 2" agrees for longer than the later "1 2" does
     d.reset([4, 1, 2, 3, 5, 1, 2, 3])
     assert d.draft(1) == [5]  # the longest n-gram ("1 2 3")
 
@@ -298,8 +300,8 @@ def test_verification_pass_equals_decoding_bit_for_bit(model, kv_bits):
 
 
 def test_lazy_verification_rows_equal_the_full_pass(model):
-    """forward_lazy computes the output head only for rows read -- row 0 alone, then the rest
-    together -- and every row equals the full pass's bit for bit."""
+    """forward_lazy computes the output head only for rows read, four at a time from the first
+    row read, and every row equals the full pass's bit for bit."""
     be = model.backend
     prompt = model.tokenize("Once upon a time, in a small village by the sea,", add_bos=True)
     cont = [be.args.vocab_size - 1 - i * 97 for i in range(6)]
@@ -310,8 +312,9 @@ def test_lazy_verification_rows_equal_the_full_pass(model):
     rows = be.forward_lazy(cont, lazy_cache)
     assert lazy_cache.offset == full_cache.offset and len(rows) == len(cont)
     assert rows.computed == 0
-    assert np.array_equal(rows[0], full[0]) and rows.computed == 1
-    assert np.array_equal(rows[1], full[1]) and rows.computed == len(cont)
+    assert np.array_equal(rows[0], full[0]) and rows.computed == 4
+    assert np.array_equal(rows[3], full[3]) and rows.computed == 4
+    assert np.array_equal(rows[4], full[4]) and rows.computed == len(cont)
     for j in range(len(cont)):
         assert np.array_equal(rows[j], full[j]), j
     assert np.array_equal(rows[-1], full[-1])
@@ -454,3 +457,26 @@ def test_calibration_search_on_the_real_model(default_gguf, calib_text, model):
                     prompt_len=32, gen_len=32, progress=False)
     assert cal.skip and cal.agreement > 0.5 and cal.draft_cost < 1.0
     assert 0 not in cal.skip  # the first layer is never dispensable
+
+
+def test_spec_bound_oracle_plans_the_fastest_rounds():
+    """tools/spec_bound.py's oracle (the README's ceiling): the least time over plain steps and
+    passes, given how many drafts would be accepted at each position."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "tools" / "spec_bound.py"
+    spec = importlib.util.spec_from_file_location("spec_bound", path)
+    sb = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sb)
+    free = lambda k: 1.0  # noqa: E731  a pass costs one step, whatever its size
+    assert sb.oracle_time([0] * 5, free) == 5.0  # nothing to draft: five plain steps
+    assert sb.oracle_time([4, 3, 2, 1, 0], free) == 1.0  # one pass yields all five tokens
+    assert sb.oracle_time([4, 3, 2, 1, 0], lambda k: 1.0 + 0.6 * k) == 3.4  # 4 drafts still pay
+    assert sb.oracle_time([4, 3, 2, 1, 0], lambda k: 1.0 + 1.2 * k) == 5.0  # dearer than plain
+    assert sb.oracle_time([1, 0, 1, 0], lambda k: 1.5) == 3.0  # two 1-draft passes
+    assert sb.right_run([7, 8, 9], [1, 7, 8, 5], 1) == 2
+    # out[0]: the text ends in 4, never seen before; out[1]: it ends in 2, and "2 4" occurred
+    # (4 right, then 2 != 6); out[2]: it ends in 4, earlier followed by 2, not 6
+    assert sb.lookup_any_runs([1, 2, 3, 9, 2, 4], [2, 4, 6]) == [0, 1, 0]
+    assert sb.runs_of(np.array([True, True, False, True])) == [2, 1, 0, 1]
