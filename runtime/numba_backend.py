@@ -240,7 +240,7 @@ class LazyLogits:
     Rows are computed in chunks of ``HEAD_CHUNK``: the first read of row j computes rows j ..
     j + 3 together. The output head (49152 x 576 on the default model) is bound by reading its
     matrix, not by arithmetic: a pass over it for one row costs ~0.22 of a decoding step, for
-    four rows ~0.33, for eight ~0.65 (``tools/spec_bound.py`` prints the pass costs). Computing
+    four rows ~0.33, for eight ~0.65 (``tools/pass_costs.py``). Computing
     row 0 alone and the rest later reads the matrix twice whenever the first draft is accepted
     -- most rounds -- while a chunk of four costs one read; past the chunk, a rejected draft
     saves the rest.

@@ -1,9 +1,9 @@
 """Prompt lookup decoding's drafter, and when its drafts are worth verifying.
 
 ``LookupDrafter`` proposes the tokens that followed an earlier occurrence of the text's last
-n-gram (in the prompt or the output so far), the one that agrees with the text for longest. Drafting is free, verifying is not: on a CPU
-where the int8 dot products bound a step, each verified token costs a good part of a step, and
-a rejected one buys nothing. ``LookupOdds`` estimates how likely each draft token is to be
+n-gram (in the prompt or the output so far), the one that agrees with the text for longest.
+Drafting is free, verifying is not: on a CPU where the int8 dot products bound a step, each
+verified token costs a good part of a step, and a rejected one buys nothing. ``LookupOdds`` estimates how likely each draft token is to be
 accepted from the length of the match behind it, and ``lookup_draft_len`` turns those odds and
 the pass costs into the draft length with the most expected tokens per second (often none).
 """
@@ -21,9 +21,8 @@ class LookupDrafter:
     where the text's last n-gram occurred, the one whose earlier tokens agree with the text's
     for longest wins (ties: the latest): in a summary, "the" + "city" may follow many places
     of the source, and the one that also matches the words before is the one being copied
-    (``tools/spec_bound.py``: a better bound on the bench's summaries, 1.31x -> the policy's
-    1.14x -> 1.16x). A lookup is O(CANDIDATES * MATCH_CAP); the index grows by O(max_ngram)
-    per token.
+    (its longer match also tells ``LookupOdds`` the draft is a good bet). A lookup is
+    O(CANDIDATES * MATCH_CAP); the index grows by O(max_ngram) per token.
     """
 
     CANDIDATES = 8

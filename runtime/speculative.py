@@ -17,10 +17,10 @@ Two drafters (``SelfDrafter``, ``LookupDrafter``):
   agreeing with the text for longest), in the prompt or the output so far (prompt lookup
   decoding): free to draft, and right whenever the output copies the input -- summaries,
   edits, retrieval-augmented answers. Verifying a draft is not free, so a match is drafted
-  only as far as it pays: ``LookupOdds`` estimates how
-  likely each draft token is to be accepted from the length of the match behind it,
-  ``PassCosts`` what a pass of n tokens costs, and ``lookup_draft_len`` picks the length with
-  the most expected tokens per second -- often none.
+  only as far as it pays: ``LookupOdds`` estimates how likely each draft token is to be
+  accepted from the length of the match behind it, ``PassCosts`` what a pass of n tokens
+  costs, and ``lookup_draft_len`` picks the length with the most expected tokens per second
+  -- often none.
 
 Exactness. Greedy: a draft is accepted iff it is the argmax of the model's logits at its
 position, and a verification pass of up to 8 tokens computes every token's logits bit for bit

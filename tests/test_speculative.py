@@ -470,11 +470,13 @@ def test_spec_bound_oracle_plans_the_fastest_rounds():
     sb = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(sb)
     free = lambda k: 1.0  # noqa: E731  a pass costs one step, whatever its size
-    assert sb.oracle_time([0] * 5, free) == 5.0  # nothing to draft: five plain steps
-    assert sb.oracle_time([4, 3, 2, 1, 0], free) == 1.0  # one pass yields all five tokens
-    assert sb.oracle_time([4, 3, 2, 1, 0], lambda k: 1.0 + 0.6 * k) == 3.4  # 4 drafts still pay
-    assert sb.oracle_time([4, 3, 2, 1, 0], lambda k: 1.0 + 1.2 * k) == 5.0  # dearer than plain
-    assert sb.oracle_time([1, 0, 1, 0], lambda k: 1.5) == 3.0  # two 1-draft passes
+    assert sb.oracle_time(([0] * 5, free)) == 5.0  # nothing to draft: five plain steps
+    assert sb.oracle_time(([4, 3, 2, 1, 0], free)) == 1.0  # one pass yields all five tokens
+    assert sb.oracle_time(([4, 3, 2, 1, 0], lambda k: 1.0 + 0.6 * k)) == 3.4  # 4 drafts still pay
+    assert sb.oracle_time(([4, 3, 2, 1, 0], lambda k: 1.0 + 1.2 * k)) == 5.0  # dearer than plain
+    assert sb.oracle_time(([1, 0, 1, 0], lambda k: 1.5)) == 3.0  # two 1-draft passes
+    # two drafters: the cheap one where it has drafts, the other where only it has
+    assert sb.oracle_time(([1, 0, 0, 0], free), ([0, 0, 1, 0], lambda k: 1.5)) == 2.5
     assert sb.right_run([7, 8, 9], [1, 7, 8, 5], 1) == 2
     # out[0]: the text ends in 4, never seen before; out[1]: it ends in 2, and "2 4" occurred
     # (4 right, then 2 != 6); out[2]: it ends in 4, earlier followed by 2, not 6

@@ -41,15 +41,17 @@ TEXT = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "wiki
 SKIP_SIZES = (1, 2, 3, 4, 6, 8, 12)
 
 
-def oracle_time(runs: Sequence[int], pass_cost: Callable[[int], float]) -> float:
-    """Least time, in plain steps, to produce len(runs) tokens when at position i a pass with
-    k <= runs[i] drafts costs pass_cost(k) and yields k + 1 tokens (k == 0: a plain step, 1)."""
-    n = len(runs)
+def oracle_time(*drafters: tuple[Sequence[int], Callable[[int], float]]) -> float:
+    """Least time, in plain steps, to produce n tokens when each drafter (runs, pass_cost)
+    offers at position i a pass with k <= runs[i] drafts, costing pass_cost(k) and yielding
+    k + 1 tokens; a plain step (1) yields one."""
+    n = len(drafters[0][0])
     best = [0.0] * (n + 1)
     for i in range(n - 1, -1, -1):
         t = 1.0 + best[i + 1]
-        for k in range(1, min(runs[i], MAX_DRAFT, n - 1 - i) + 1):
-            t = min(t, pass_cost(k) + best[i + k + 1])
+        for runs, pass_cost in drafters:
+            for k in range(1, min(runs[i], MAX_DRAFT, n - 1 - i) + 1):
+                t = min(t, pass_cost(k) + best[i + k + 1])
         best[i] = t
     return best[0]
 
@@ -145,15 +147,15 @@ def main() -> None:
         verify = lambda k, vv=vv: vv[k]  # noqa: E731
         for name, ps in sets.items():
             total = sum(len(o) for _, o in ps)
-            t_lookup = sum(oracle_time(r, verify) for r in lookup[name])
-            t_any = sum(oracle_time(r, verify) for r in lookup_any[name])
+            t_lookup = sum(oracle_time((r, verify)) for r in lookup[name])
+            t_any = sum(oracle_time((r, verify)) for r in lookup_any[name])
             best_self, best_both = (float("inf"), 0), float("inf")
             for s in SKIP_SIZES:
                 c = head + (1.0 - head) * (n_layers - s) / n_layers
                 cost = lambda k, c=c, vv=vv: k * c + vv[k]  # noqa: E731
-                t_self = sum(oracle_time(r, cost) for r in self_runs[name, s])
+                t_self = sum(oracle_time((r, cost)) for r in self_runs[name, s])
                 best_self = min(best_self, (t_self, s))
-                best_both = min(best_both, sum(_both_time(a, r, verify, cost)
+                best_both = min(best_both, sum(oracle_time((a, verify), (r, cost))
                                                for a, r in zip(lookup_any[name], self_runs[name, s])))
             print(f"| {name} | {total} | {total / t_lookup:.2f}x | {total / t_any:.2f}x | "
                   f"{total / best_self[0]:.2f}x (s = {best_self[1]}) | {total / best_both:.2f}x |")
@@ -161,19 +163,6 @@ def main() -> None:
             agree = [float(np.mean([r > 0 for rs in self_runs[name, s] for r in rs])) for s in SKIP_SIZES]
             print(f"{name}: self-draft agreement by s = {SKIP_SIZES}: " + ", ".join(f"{a:.2f}" for a in agree))
     m.close()
-
-
-def _both_time(lookup: Sequence[int], self_: Sequence[int], verify, self_cost) -> float:
-    """``oracle_time`` when each position offers both drafters' runs, at their own costs."""
-    n = len(lookup)
-    best = [0.0] * (n + 1)
-    for i in range(n - 1, -1, -1):
-        t = 1.0 + best[i + 1]
-        for runs, cost in ((lookup, verify), (self_, self_cost)):
-            for k in range(1, min(runs[i], MAX_DRAFT, n - 1 - i) + 1):
-                t = min(t, cost(k) + best[i + k + 1])
-        best[i] = t
-    return best[0]
 
 
 if __name__ == "__main__":
