@@ -55,6 +55,21 @@ def summarize_prompts(text_file: Path, n: int = 5, words: int = 180) -> list[str
     return out
 
 
+def greedy_outputs(model, text_file: Path, tokens: int = 128) -> dict[str, list[tuple[list[int], list[int]]]]:
+    """The bench's prompts run greedily with plain decoding: {"chat": [...], "summarize": [...]}
+    of (prompt ids, generated ids) -- what ``tools/lookup_odds.py`` and ``tools/spec_bound.py``
+    replay drafters against."""
+    out: dict[str, list[tuple[list[int], list[int]]]] = {}
+    for name, prompts in (("chat", list(CHAT_PROMPTS)), ("summarize", summarize_prompts(text_file))):
+        out[name] = []
+        for prompt in prompts:
+            "".join(model.chat([{"role": "user", "content": prompt}], max_tokens=tokens, temperature=0.0,
+                               speculative="off"))
+            history, n = list(model._history), model.last_stats.prompt_tokens  # all but the last token
+            out[name].append((history[:n], history[n:]))
+    return out
+
+
 def _run(model, prompt: str, mode: str, tokens: int) -> SpecRun:
     text = "".join(model.chat([{"role": "user", "content": prompt}], max_tokens=tokens, temperature=0.0,
                               speculative=mode))

@@ -158,7 +158,7 @@ class Model:
             return None
         drafter, k = None, 4
         cal = self.calibration(create=mode == "self")
-        if cal is not None and cal.skip and mode in ("self", "auto") and (mode == "self" or cal.pays):
+        if cal is not None and cal.skip and (mode == "self" or (mode == "auto" and cal.pays)):
             drafter, k = SelfDrafter(frozenset(cal.skip)), max(1, cal.draft_len)
         if self._pass_costs is None:  # what lookup learns is kept across this model's generations
             self._pass_costs = PassCosts(cal.verify_cost if cal is not None else None)

@@ -170,8 +170,7 @@ class NumbaBackend:
         n = len(toks)
         if n == 0:
             return np.zeros((0, self.args.vocab_size), dtype=np.float32)
-        if not isinstance(cache, SlotKVCache):
-            raise TypeError(f"the numba backend needs its own cache (new_cache()), got {type(cache).__name__}")
+        _check_own_cache(cache)
         skip = self._skip_mask(skip_layers)
         out = np.empty((n - logits_from, self.args.vocab_size), dtype=np.float32)
         for c0 in range(0, n, MAX_BATCH):
@@ -188,8 +187,7 @@ class NumbaBackend:
         n = len(toks)
         if not 0 < n <= MAX_BATCH:
             raise ValueError(f"forward_lazy takes 1 to {MAX_BATCH} tokens, got {n}")
-        if not isinstance(cache, SlotKVCache):
-            raise TypeError(f"the numba backend needs its own cache (new_cache()), got {type(cache).__name__}")
+        _check_own_cache(cache)
         xn = self._forward_chunk(toks, cache, 0, np.empty((0, self.args.vocab_size), np.float32),
                                  self._skip_mask(frozenset()), head=False)
         return LazyLogits(self, xn)
@@ -234,16 +232,20 @@ class NumbaBackend:
         self.team.close()
 
 
+def _check_own_cache(cache: KVCache) -> None:
+    if not isinstance(cache, SlotKVCache):
+        raise TypeError(f"the numba backend needs its own cache (new_cache()), got {type(cache).__name__}")
+
+
 class LazyLogits:
     """The logits rows of a ``forward_lazy`` pass, each computed when first read.
 
     Rows are computed in chunks of ``HEAD_CHUNK``: the first read of row j computes rows j ..
     j + 3 together. The output head (49152 x 576 on the default model) is bound by reading its
     matrix, not by arithmetic: a pass over it for one row costs ~0.22 of a decoding step, for
-    four rows ~0.33, for eight ~0.65 (``tools/pass_costs.py``). Computing
-    row 0 alone and the rest later reads the matrix twice whenever the first draft is accepted
-    -- most rounds -- while a chunk of four costs one read; past the chunk, a rejected draft
-    saves the rest.
+    four rows ~0.33, for eight ~0.65 (``tools/pass_costs.py``). Computing row 0 alone and the
+    rest later reads the matrix twice whenever the first draft is accepted -- most rounds --
+    while a chunk of four costs one read; past the chunk, a rejected draft saves the rest.
     """
 
     HEAD_CHUNK = 4

@@ -3,14 +3,17 @@
 ``LookupDrafter`` proposes the tokens that followed an earlier occurrence of the text's last
 n-gram (in the prompt or the output so far), the one that agrees with the text for longest.
 Drafting is free, verifying is not: on a CPU where the int8 dot products bound a step, each
-verified token costs a good part of a step, and a rejected one buys nothing. ``LookupOdds`` estimates how likely each draft token is to be
-accepted from the length of the match behind it, and ``lookup_draft_len`` turns those odds and
-the pass costs into the draft length with the most expected tokens per second (often none).
+verified token costs a good part of a step, and a rejected one buys nothing. ``LookupOdds``
+estimates how likely each draft token is to be accepted from the length of the match behind
+it, and ``lookup_draft_len`` turns those odds and the pass costs into the draft length with the
+most expected tokens per second (often none).
 """
 from __future__ import annotations
 
 import bisect
 from typing import Sequence
+
+MATCH_CAP = 32  # match lengths are counted up to this; longer ones predict no better
 
 
 class LookupDrafter:
@@ -73,8 +76,6 @@ class LookupDrafter:
             return h[best_end + 1:best_end + 1 + k], best_len
         return [], 0
 
-
-MATCH_CAP = 32  # match lengths are counted up to this; longer ones predict no better
 
 
 class LookupOdds:

@@ -14,29 +14,24 @@ import argparse
 from pathlib import Path
 
 import edgelm
-from edgelm.apps.bench_spec import CHAT_PROMPTS, summarize_prompts
+from edgelm.apps.bench import DEFAULT_TEXT
+from edgelm.apps.bench_spec import greedy_outputs
 from edgelm.runtime.speculative import LookupDrafter, LookupOdds
-
-TEXT = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "wikitext-2-eval.txt"
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--tokens", type=int, default=128)
-    ap.add_argument("--text-file", type=Path, default=TEXT)
+    ap.add_argument("--text-file", type=Path, default=DEFAULT_TEXT)
     args = ap.parse_args()
     m = edgelm.load(args.model, speculative="off")
     bands = LookupOdds.BANDS
     odds = LookupOdds()  # only for its banding of lengths
-    for name, prompts in (("chat", CHAT_PROMPTS), ("summarize", summarize_prompts(args.text_file))):
+    for name, pairs in greedy_outputs(m, args.text_file, args.tokens).items():
         hits = [0] * len(bands)
         tries = [0] * len(bands)
         positions = 0
-        for prompt in prompts:
-            "".join(m.chat([{"role": "user", "content": prompt}], max_tokens=args.tokens, temperature=0.0))
-            history = list(m._history)  # prompt + output (all but the last sampled token)
-            ids, out = history[:m.last_stats.prompt_tokens], history[m.last_stats.prompt_tokens:]
+        for ids, out in pairs:
             d = LookupDrafter()
             d.reset(ids)
             for tok in out:

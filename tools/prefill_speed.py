@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import edgelm
-
-TEXT = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "wikitext-2-eval.txt"
+from edgelm.apps.bench import DEFAULT_TEXT
 
 
 def main() -> None:
@@ -21,7 +19,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     m = edgelm.load(args.model, threads=args.threads, speculative="off")
-    ids = m.tokenize(TEXT.read_text(encoding="utf-8")[:20 * args.tokens * 4])[:args.tokens]
+    ids = m.tokenize(DEFAULT_TEXT.read_text(encoding="utf-8")[:20 * args.tokens * 4])[:args.tokens]
     best = float("inf")
     for _ in range(5):
         cache = m.backend.new_cache(len(ids) + 1)

@@ -33,11 +33,11 @@ from typing import Callable, Sequence
 import numpy as np
 
 import edgelm
-from edgelm.apps.bench_spec import CHAT_PROMPTS, summarize_prompts
+from edgelm.apps.bench import DEFAULT_TEXT
+from edgelm.apps.bench_spec import greedy_outputs
 from edgelm.runtime.spec_calibrate import _greedy, measure_costs
 from edgelm.runtime.speculative import MAX_DRAFT, LookupDrafter
 
-TEXT = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "wikitext-2-eval.txt"
 SKIP_SIZES = (1, 2, 3, 4, 6, 8, 12)
 
 
@@ -111,7 +111,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--tokens", type=int, default=128)
-    ap.add_argument("--text-file", type=Path, default=TEXT)
+    ap.add_argument("--text-file", type=Path, default=DEFAULT_TEXT)
     ap.add_argument("--costs", choices=("measured", "calibration"), default="measured")
     args = ap.parse_args()
     m = edgelm.load(args.model, speculative="off")
@@ -120,12 +120,7 @@ def main() -> None:
     if args.costs == "calibration":
         v = m.calibration().verify_cost
     print(f"pass costs v(n), n = 1..{MAX_DRAFT + 1}: " + ", ".join(f"{c:.2f}" for c in v) + f"; head {head:.2f}")
-    sets = {name: [] for name in ("chat", "summarize")}
-    for name, prompts in (("chat", CHAT_PROMPTS), ("summarize", summarize_prompts(args.text_file))):
-        for prompt in prompts:
-            "".join(m.chat([{"role": "user", "content": prompt}], max_tokens=args.tokens, temperature=0.0))
-            history = list(m._history)
-            sets[name].append((history[:m.last_stats.prompt_tokens], history[m.last_stats.prompt_tokens:]))
+    sets = greedy_outputs(m, args.text_file, args.tokens)
     # Rank layers as the calibration does, on these outputs: agreement with each alone skipped.
     pairs = [p for s in sets.values() for p in s]
 
